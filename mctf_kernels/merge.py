@@ -1,0 +1,101 @@
+"""Merging tokens by slot map (SPEC section 5).
+
+Every pooling rule is a reduction over the input tokens that share an output
+slot, so a single slot map from ``match`` describes the whole two-stage merge.
+
+Pooling modes (``mode``), weights w_t inside a slot:
+  0 size-weighted: w = s;  1 attention-and-size: w = attn_m * s / max(s);
+  2 elementwise max;       3 mean: w = 1.
+New sizes are always the slot sums of s.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import check_dest, check_per_token, check_pooling
+
+
+def pooling_weights(
+    mode: int, size: torch.Tensor, attn_received: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """Per-token weights (B, T) float32 for modes 0, 1, 3; None for max pooling."""
+    check_pooling(mode)
+    size = size.float()
+    if mode == 0:
+        return size
+    if mode == 1:
+        if attn_received is None:
+            raise ValueError("pooling mode 1 (attention-and-size) needs attn_received")
+        return attn_received.float() * (size / size.amax(dim=1, keepdim=True))
+    if mode == 3:
+        return torch.ones_like(size)
+    return None
+
+
+def segment_sum(values: torch.Tensor, dest: torch.Tensor, t_out: int) -> torch.Tensor:
+    """Sum ``values`` (B, ..., T, C) over tokens sharing a slot -> (B, ..., t_out, C)."""
+    B, T = dest.shape
+    index = dest.view(B, *([1] * (values.dim() - 3)), T, 1).expand_as(values)
+    out = values.new_zeros(*values.shape[:-2], t_out, values.shape[-1])
+    return out.scatter_add(-2, index, values)
+
+
+def segment_max(values: torch.Tensor, dest: torch.Tensor, t_out: int) -> torch.Tensor:
+    B, T = dest.shape
+    index = dest.view(B, *([1] * (values.dim() - 3)), T, 1).expand_as(values)
+    out = values.new_empty(*values.shape[:-2], t_out, values.shape[-1])
+    return out.scatter_reduce(-2, index, values, reduce="amax", include_self=False)
+
+
+def merge_tokens_reference(
+    x: torch.Tensor, dest: torch.Tensor, t_out: int, weights: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Weighted slot average of x (B, ..., T, C) with weights (B, T); max when weights is None.
+
+    Accumulates in float32 and returns x's dtype; differentiable in x.
+    """
+    if weights is None:
+        return segment_max(x, dest, t_out)
+    B, T = dest.shape
+    w = weights.float().view(B, *([1] * (x.dim() - 3)), T, 1)
+    num = segment_sum(x.float() * w, dest, t_out)
+    den = segment_sum(weights.float()[:, :, None], dest, t_out)
+    den = den.view(B, *([1] * (x.dim() - 3)), t_out, 1)
+    return (num / den).to(x.dtype)
+
+
+def merge_reference(
+    x: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor] = None,
+    attn_received: Optional[torch.Tensor] = None,
+    *,
+    mode: int = 1,
+    source: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Eager merge: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None).
+
+    size None means "all ones" (before the first fusion of a forward).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, T, C), got {tuple(x.shape)}")
+    B, T, _ = x.shape
+    check_dest(dest, B, T, t_out, x.device)
+    check_per_token("size", size, B, T, x.device)
+    check_per_token("attn_received", attn_received, B, T, x.device)
+    check_pooling(mode)
+    dest = dest.long()
+    if size is None:
+        size = torch.ones(B, T, device=x.device, dtype=torch.float32)
+    with torch.no_grad():
+        weights = pooling_weights(mode, size, attn_received)
+        new_size = segment_sum(size.float()[:, :, None], dest, t_out)[..., 0]
+        new_source = None
+        if source is not None:
+            if source.dim() != 3 or source.shape[:2] != (B, T):
+                raise ValueError(f"source must have shape (B, T, N) with (B, T) = ({B}, {T}), got {tuple(source.shape)}")
+            new_source = segment_max(source, dest, t_out)
+    return merge_tokens_reference(x, dest, t_out, weights), new_size, new_source
