@@ -1,0 +1,111 @@
+"""MCTF configuration: one dataclass, the paper's presets, and the public code's list format."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple, Union
+
+Number = Union[int, float]
+
+# Order of the public code's 11-entry `mctf_type` list.
+MCTF_TYPE_FIELDS = (
+    "r", "r_teacher_max", "trace_source", "prop_attn", "one_step_ahead",
+    "tau_sim", "tau_info", "tau_size", "bidirectional", "pooling", "unused",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MCTFConfig:
+    """What one MCTF-patched model computes.
+
+    r:              tokens removed per active layer: a count (>= 1) or a fraction (< 1) of
+                    the mergeable tokens; clamped per layer as in SPEC section 2.
+    layers:         block indices where fusion runs (block 0 is index 0); None = every block.
+    tau_sim, tau_info, tau_size:
+                    temperatures of the similarity, informativeness and size criteria;
+                    0 switches that criterion off.
+    bidirectional:  two-stage matching (A->B, then B->unmerged A) instead of A->B only.
+    one_step_ahead: 0 fuse after the block with its attention; 1 fuse before attention and
+                    reuse the fused attention (the paper's default); 2 "precise": fuse with
+                    attention computed first, then run normal attention on the fused tokens.
+    pooling:        0 size-weighted, 1 attention-and-size weighted (default), 2 max, 3 mean.
+    prop_attn:      proportional attention (log token size added to attention logits).
+    trace_source:   record which original patches each token holds (model.mctf_state.source).
+    r_teacher_max:  fine-tuning only: the teacher pass draws r in [0, r_teacher_max).
+    """
+
+    r: Number = 16
+    layers: Optional[Tuple[int, ...]] = tuple(range(1, 12))
+    tau_sim: float = 1.0
+    tau_info: float = 20.0
+    tau_size: float = 40.0
+    bidirectional: bool = True
+    one_step_ahead: int = 1
+    pooling: int = 1
+    prop_attn: bool = True
+    trace_source: bool = False
+    r_teacher_max: Number = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or self.r < 0:
+            raise ValueError(f"r must be a number >= 0 (count, or fraction < 1), got {self.r!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ValueError(f"layers must be non-negative block indices, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        for name in ("tau_sim", "tau_info", "tau_size"):
+            tau = getattr(self, name)
+            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
+                raise ValueError(f"{name} must be a number >= 0 (0 disables the criterion), got {tau!r}")
+        if self.one_step_ahead not in (0, 1, 2):
+            raise ValueError(f"one_step_ahead must be 0, 1 or 2, got {self.one_step_ahead!r}")
+        if self.pooling not in (0, 1, 2, 3):
+            raise ValueError(f"pooling must be 0 (size), 1 (attention-and-size), 2 (max) or 3 (mean), got {self.pooling!r}")
+        if isinstance(self.r_teacher_max, bool) or not isinstance(self.r_teacher_max, (int, float)) or self.r_teacher_max < 0:
+            raise ValueError(f"r_teacher_max must be a number >= 0, got {self.r_teacher_max!r}")
+        for name in ("bidirectional", "prop_attn", "trace_source"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @classmethod
+    def preset(cls, name: str, depth: int = 12, **overrides) -> "MCTFConfig":
+        """``"mctf"``: r=16 on every block but the first; ``"mctf-fast"``: r=0.35 on blocks
+        3, 6, 9 (for other depths: every (depth // 4)-th block). ``overrides`` replace fields."""
+        key = name.lower().replace("_", "-")
+        if key == "mctf":
+            base = dict(r=16, layers=tuple(range(1, depth)))
+        elif key == "mctf-fast":
+            step = max(depth // 4, 1)
+            base = dict(r=0.35, layers=tuple(range(step, depth, step)))
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose 'mctf' or 'mctf-fast'")
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_mctf_type(cls, values: Sequence[Number], activate_layer: Optional[Sequence[int]] = None) -> "MCTFConfig":
+        """Build from the public code's ``--mctf_type`` list (10 or 11 entries) and ``--activate_layer``."""
+        values = list(values)
+        if len(values) not in (10, 11):
+            raise ValueError(f"mctf_type must have 11 entries {MCTF_TYPE_FIELDS}, got {len(values)}")
+        r, r_teacher_max, trace, prop, osa, tau_sim, tau_info, tau_size, bidir, pooling = values[:10]
+        return cls(
+            r=r, r_teacher_max=r_teacher_max, trace_source=bool(trace), prop_attn=bool(prop),
+            one_step_ahead=int(osa), tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
+            bidirectional=bool(bidir), pooling=int(pooling),
+            layers=None if activate_layer is None else tuple(activate_layer),
+        )
+
+    def to_mctf_type(self) -> list:
+        """The public code's 11-entry list for this configuration."""
+        return [self.r, self.r_teacher_max, int(self.trace_source), int(self.prop_attn), self.one_step_ahead,
+                self.tau_sim, self.tau_info, self.tau_size, int(self.bidirectional), self.pooling, 0]
+
+    def replace(self, **changes) -> "MCTFConfig":
+        return dataclasses.replace(self, **changes)
+
+    def active_layers(self, depth: int) -> Tuple[int, ...]:
+        layers = tuple(range(depth)) if self.layers is None else self.layers
+        bad = [i for i in layers if i >= depth]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: the model has {depth} blocks (0..{depth - 1})")
+        return layers

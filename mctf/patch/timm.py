@@ -1,0 +1,252 @@
+"""Patch a timm VisionTransformer in place so its blocks run MCTF.
+
+The model's and blocks' classes are swapped for subclasses (``__class__``
+assignment), so weights, hooks and timm's own submodules (norms, layer scale,
+drop path, q/k norm) are the ones already there. ``unpatch`` swaps them back.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import mctf_kernels as mk
+from mctf.config import MCTFConfig
+from mctf.state import MCTFState
+
+try:  # timm is a model-layer dependency only
+    from timm.models.vision_transformer import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+except ImportError as exc:  # pragma: no cover - timm is a hard dependency
+    raise ImportError("mctf.patch.timm needs timm >= 1.0") from exc
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its parts) has no MCTF patch."""
+
+
+# ---------------------------------------------------------------------------
+# attention pieces, delegating to timm's Attention submodules
+
+
+def _heads(attn: TimmAttention, x: torch.Tensor):
+    """q, k, v of shape (B, H, T, D) with timm's q/k norms applied."""
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _values(attn: TimmAttention, x: torch.Tensor) -> torch.Tensor:
+    """Only the value projection (B, H, T, D): the fused block never recomputes q, k."""
+    B, T, _ = x.shape
+    n = attn.qkv.out_features // 3
+    weight = attn.qkv.weight[2 * n:]
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * n:]
+    return F.linear(x, weight, bias).reshape(B, T, attn.num_heads, -1).transpose(1, 2)
+
+
+def _output(attn: TimmAttention, heads: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) head outputs -> projected (B, T, C), as timm's Attention ends."""
+    B, H, T, D = heads.shape
+    x = heads.transpose(1, 2).reshape(B, T, H * D)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        x = norm(x)
+    return attn.proj_drop(attn.proj(x))
+
+
+def _log_size_bias(size: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if size is None else size.log().to(dtype)[:, None, None, :]
+
+
+def _attention_probs(attn: TimmAttention, x: torch.Tensor, size: Optional[torch.Tensor]):
+    """Explicit softmax(q k^T * scale [+ log s]) (B, H, T, T) and the values."""
+    q, k, v = _heads(attn, x)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + _log_size_bias(size, logits.dtype)
+    return logits.softmax(dim=-1), v
+
+
+def _attention(attn: TimmAttention, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """A normal attention layer, with proportional attention when ``size`` is given."""
+    if size is None:
+        return attn(x)
+    q, k, v = _heads(attn, x)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=_log_size_bias(size, q.dtype),
+        dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale,
+    )
+    return _output(attn, out)
+
+
+# ---------------------------------------------------------------------------
+# the patched block
+
+
+class MCTFBlock(TimmBlock):
+    """timm Block whose forward fuses tokens where the config says so (SPEC section 6)."""
+
+    _mctf_index: int
+    _mctf_state: MCTFState
+
+    def _fuse(self, x: torch.Tensor, attn_probs: torch.Tensor, r: int, state: MCTFState):
+        """Match and merge x with the criteria from ``attn_probs``; updates the state."""
+        cfg = state.config
+        T = x.shape[1]
+        t_out = T - r
+        attn_received = mk.attention_received(attn_probs.detach())
+        dest = mk.match(
+            x.detach(), r, attn_received, state.size,
+            tau_sim=cfg.tau_sim, tau_info=cfg.tau_info, tau_size=cfg.tau_size,
+            num_protected=state.num_protected, bidirectional=cfg.bidirectional,
+        )
+        source = state.source
+        if cfg.trace_source and source is None:
+            source = torch.eye(T, device=x.device, dtype=x.dtype).expand(x.shape[0], T, T)
+        old_size = state.size
+        x_new, new_size, new_source = mk.merge(
+            x, dest, t_out, old_size, attn_received, mode=cfg.pooling,
+            source=source if cfg.trace_source else None,
+        )
+        state.size = new_size
+        if cfg.trace_source:
+            state.source = new_source
+        return x_new, dest, old_size, attn_received
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
+        if attn_mask is not None or is_causal or kwargs:
+            raise NotImplementedError("MCTF blocks do not support attention masks or causal attention")
+        state = self._mctf_state
+        cfg = state.config
+        r = state.r_for_block(self._mctf_index, x.shape[1])
+        size = state.size if cfg.prop_attn else None
+
+        if r > 0 and cfg.one_step_ahead == 1:
+            # fuse with this layer's attention, then reuse it merged: P' @ V(LN1(x'))
+            probs, _ = _attention_probs(self.attn, self.norm1(x), size)
+            x, dest, old_size, attn_received = self._fuse(x, probs, r, state)
+            v = _values(self.attn, self.norm1(x))
+            heads = mk.fused_attention_output(
+                self.attn.attn_drop(probs), v, dest, x.shape[1], old_size, attn_received, mode=cfg.pooling,
+            )
+            x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
+        elif r > 0 and cfg.one_step_ahead == 2:
+            with torch.no_grad():  # "precise": this attention only picks the tokens
+                probs, _ = _attention_probs(self.attn, self.norm1(x), size)
+            x, *_ = self._fuse(x, probs, r, state)
+            size = state.size if cfg.prop_attn else None
+            x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
+        elif r > 0:  # one_step_ahead == 0: normal block, fuse its output with its attention
+            probs, v = _attention_probs(self.attn, self.norm1(x), size)
+            heads = self.attn.attn_drop(probs) @ v
+            x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
+        else:
+            x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if r > 0 and cfg.one_step_ahead == 0:
+            x, *_ = self._fuse(x, probs, r, state)
+        state.tokens_per_block.append(x.shape[1])
+        return x
+
+
+# ---------------------------------------------------------------------------
+# the patched model
+
+_PATCHED_CLASSES: dict = {}
+
+
+def _mctf_forward(self, *args, **kwargs):
+    self.mctf_state.reset()
+    return self._mctf_original_class.forward(self, *args, **kwargs)
+
+
+def _mctf_forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """Average pooling weighted by token size: each token counts as the patches it holds."""
+    if self.global_pool != "avg" or getattr(self, "attn_pool", None) is not None:
+        return self._mctf_original_class.forward_head(self, x, pre_logits=pre_logits)
+    start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+    tokens = x[:, start:]
+    size = self.mctf_state.size
+    if size is None:
+        pooled = tokens.mean(dim=1)
+    else:
+        w = size[:, start:].to(tokens.dtype)[..., None]
+        pooled = (tokens * w).sum(dim=1) / w.sum(dim=1)
+    pooled = self.fc_norm(pooled)
+    pooled = self.head_drop(pooled)
+    return pooled if pre_logits else self.head(pooled)
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(
+            f"MCTF{cls.__name__}", (cls,),
+            {"forward": _mctf_forward, "forward_head": _mctf_forward_head, "_mctf_original_class": cls},
+        )
+    return _PATCHED_CLASSES[cls]
+
+
+def _check_supported(model) -> None:
+    if not isinstance(model, TimmVisionTransformer):
+        raise UnsupportedModelError(
+            f"mctf.patch.timm supports timm VisionTransformer models (DeiT, ViT, DeiT-3, registers); "
+            f"got {type(model).__name__}"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError("global_pool='map' (attention pooling) is not supported by MCTF")
+    if model.global_pool not in ("token", "avg", ""):
+        raise UnsupportedModelError(f"global_pool={model.global_pool!r} is not supported; use 'token' or 'avg'")
+    if model.num_prefix_tokens == 0 and model.global_pool == "token":
+        raise UnsupportedModelError("global_pool='token' needs a class token")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (TimmBlock, MCTFBlock):
+            raise UnsupportedModelError(
+                f"block {i} is a {type(blk).__name__}; only timm's standard pre-norm Block is supported"
+            )
+        if type(blk.attn) is not TimmAttention:
+            raise UnsupportedModelError(f"block {i} attention is a {type(blk.attn).__name__}, not timm's Attention")
+        if getattr(blk.attn, "gate", None) is not None:
+            raise UnsupportedModelError(f"block {i} uses gated attention, which MCTF does not support")
+
+
+def patch_timm(model, config: Optional[MCTFConfig] = None):
+    """Patch ``model`` (a timm VisionTransformer) in place for MCTF and return it.
+
+    Patching an already patched model replaces its configuration.
+    """
+    config = MCTFConfig() if config is None else config
+    if not isinstance(config, MCTFConfig):
+        raise TypeError(f"config must be an mctf.MCTFConfig, got {type(config).__name__}")
+    _check_supported(model)
+    depth = len(model.blocks)
+    active = frozenset(config.active_layers(depth))
+    state = MCTFState(config=config, num_protected=model.num_prefix_tokens, depth=depth, active=active)
+    original = getattr(model, "_mctf_original_class", type(model))
+    model.__class__ = _patched_class(original)
+    model.mctf_state = state
+    model.mctf_config = config
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = MCTFBlock
+        blk._mctf_index = i
+        blk._mctf_state = state
+    return model
+
+
+def unpatch(model):
+    """Undo ``patch_timm``: original classes back, MCTF attributes removed. Returns the model."""
+    original = getattr(model, "_mctf_original_class", None)
+    if original is None:
+        raise ValueError("model is not patched by mctf")
+    model.__class__ = original
+    for name in ("mctf_state", "mctf_config"):
+        model.__dict__.pop(name, None)
+    for blk in model.blocks:
+        if isinstance(blk, MCTFBlock):
+            blk.__class__ = TimmBlock
+            for name in ("_mctf_index", "_mctf_state"):
+                blk.__dict__.pop(name, None)
+    return model
