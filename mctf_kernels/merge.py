@@ -22,13 +22,13 @@ def pooling_weights(
 ) -> Optional[torch.Tensor]:
     """Per-token weights (B, T) float32 for modes 0, 1, 3; None for max pooling."""
     check_pooling(mode)
-    size = size.float()
+    size = size if size.dtype == torch.float64 else size.float()
     if mode == 0:
         return size
     if mode == 1:
         if attn_received is None:
             raise ValueError("pooling mode 1 (attention-and-size) needs attn_received")
-        return attn_received.float() * (size / size.amax(dim=1, keepdim=True))
+        return attn_received.to(size.dtype) * (size / size.amax(dim=1, keepdim=True))
     if mode == 3:
         return torch.ones_like(size)
     return None
@@ -54,14 +54,15 @@ def merge_tokens_reference(
 ) -> torch.Tensor:
     """Weighted slot average of x (B, ..., T, C) with weights (B, T); max when weights is None.
 
-    Accumulates in float32 and returns x's dtype; differentiable in x.
+    Accumulates in float32 (float64 for float64 x) and returns x's dtype; differentiable in x.
     """
     if weights is None:
         return segment_max(x, dest, t_out)
     B, T = dest.shape
-    w = weights.float().view(B, *([1] * (x.dim() - 3)), T, 1)
-    num = segment_sum(x.float() * w, dest, t_out)
-    den = segment_sum(weights.float()[:, :, None], dest, t_out)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = weights.to(acc).view(B, *([1] * (x.dim() - 3)), T, 1)
+    num = segment_sum(x.to(acc) * w, dest, t_out)
+    den = segment_sum(weights.to(acc)[:, :, None], dest, t_out)
     den = den.view(B, *([1] * (x.dim() - 3)), t_out, 1)
     return (num / den).to(x.dtype)
 
