@@ -37,6 +37,8 @@ def check_pooling(mode) -> None:
 
 
 def check_dest(dest: torch.Tensor, batch: int, tokens: int, t_out: int, device) -> None:
+    """Shape, dtype and device of a slot map. Its values must lie in [0, t_out) and
+    cover every slot (``match`` guarantees it); checking them would need a host sync."""
     if not isinstance(dest, torch.Tensor) or dest.dtype not in (torch.int32, torch.int64):
         raise TypeError("dest must be an int32/int64 tensor (the slot map from match)")
     if tuple(dest.shape) != (batch, tokens):

@@ -45,7 +45,10 @@ def segment_sum(values: torch.Tensor, dest: torch.Tensor, t_out: int) -> torch.T
 def segment_max(values: torch.Tensor, dest: torch.Tensor, t_out: int) -> torch.Tensor:
     B, T = dest.shape
     index = dest.view(B, *([1] * (values.dim() - 3)), T, 1).expand_as(values)
-    out = values.new_empty(*values.shape[:-2], t_out, values.shape[-1])
+    # NaN base: never equal to a max, so amax's backward splits the gradient only among
+    # the slot's real tied members (an uninitialised base could take a share)
+    fill = float("nan") if values.is_floating_point() else torch.iinfo(values.dtype).min
+    out = values.new_full((*values.shape[:-2], t_out, values.shape[-1]), fill)
     return out.scatter_reduce(-2, index, values, reduce="amax", include_self=False)
 
 

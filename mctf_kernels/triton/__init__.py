@@ -2,3 +2,12 @@
 launcher takes exactly the arguments of the op's reference in ``mctf_kernels``.
 """
 LAUNCHERS: dict = {}
+
+from .merge import merge as _merge  # noqa: E402
+
+LAUNCHERS["merge"] = _merge
+from .attention import attention_received as _attention_received  # noqa: E402
+from .attention import fused_attention_output as _fused_attention_output  # noqa: E402
+
+LAUNCHERS["attention_received"] = _attention_received
+LAUNCHERS["fused_attention_output"] = _fused_attention_output

@@ -1,0 +1,222 @@
+"""Triton launchers of ``attention_received`` and ``fused_attention_output``; their
+eager references are in ``mctf_kernels.attention``.
+
+Both ops are ``mctf::`` custom ops (``torch.library.triton_op``) with an eager
+backward, so a fine-tuned model can train through them and torch.compile sees
+the kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_dest
+from ..attention import attention_received_reference, fused_attention_output_reference  # noqa: F401
+from ..merge import pooling_weights
+from ._attention_kernel import _attention_received_kernel, _fused_attention_output_kernel
+from .merge import HAS_TRITON_OP, block_size, interpreting, last_dim_unit, slot_index, wrap
+
+
+# ---------------------------------------------------------------- attention_received
+
+def _attention_received_impl(attn: torch.Tensor) -> torch.Tensor:
+    attn = last_dim_unit(attn)
+    B, H, T, _ = attn.shape
+    part = torch.empty(B, H, T, device=attn.device, dtype=torch.float32)
+    BLOCK_K = block_size(T, 64)
+    BLOCK_Q = 128 if interpreting() else 32
+    grid = (B * H, triton.cdiv(T, BLOCK_K))
+    wrap(_attention_received_kernel)[grid](
+        attn, *attn.stride(), part, H, T, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4,
+    )
+    # Heads are summed here in a fixed order (deterministic, no atomics); the
+    # partials are T times smaller than attn.
+    return part.sum(dim=1) / (H * T)
+
+
+def _attention_received_setup(ctx, inputs, output) -> None:
+    (attn,) = inputs
+    ctx.attn_shape, ctx.attn_dtype = attn.shape, attn.dtype
+
+
+def _attention_received_backward(ctx, grad):
+    B, H, T, _ = ctx.attn_shape
+    g = (grad / (H * T)).to(ctx.attn_dtype)
+    return g[:, None, None, :].expand(B, H, T, T)
+
+
+# ---------------------------------------------------------------- fused_attention_output
+
+def _pv_precision(dtype: torch.dtype) -> str:
+    # Follow torch's float32 matmul setting so the kernel matches the reference's P @ V.
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _fused_impl(
+    attn: torch.Tensor,
+    v: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    attn, v = last_dim_unit(attn), last_dim_unit(v)
+    B, H, T, _ = attn.shape
+    D = v.shape[-1]
+    device = attn.device
+    order, starts = slot_index(dest, t_out)
+    out = torch.empty(B, H, t_out, D, device=device, dtype=v.dtype)
+    den = torch.empty(B, t_out, device=device, dtype=torch.float32)
+
+    has_size = size is not None
+    size_arg, ss = (size, size.stride()) if has_size else (den, (0, 0))
+    if mode == 1:
+        am_arg, sm = attn_received, attn_received.stride()
+    else:
+        am_arg, sm = den, (0, 0)
+    smax = size.float().amax(dim=1) if has_size and mode == 1 else den
+
+    BLOCK_D = block_size(D, 256)
+    if interpreting():
+        BLOCK_S, BLOCK_M, BLOCK_N = 64, 128, 128
+    else:
+        # ~1 member step per program at MCTF's merge ratios (T'/T ~ 0.9).
+        BLOCK_S, BLOCK_M = 32, 64
+        BLOCK_N = 64 if BLOCK_D <= 64 else 32
+    grid = (B * H, triton.cdiv(t_out, BLOCK_S))
+    wrap(_fused_attention_output_kernel)[grid](
+        attn, *attn.stride(),
+        v, *v.stride(),
+        dest, *dest.stride(),
+        order, starts,
+        size_arg, ss[0], ss[1],
+        am_arg, sm[0], sm[1],
+        smax,
+        out, *out.stride()[:3],
+        den,
+        H, T, t_out, D,
+        MODE=mode, HAS_SIZE=has_size, PV_PRECISION=_pv_precision(v.dtype),
+        ACC_DTYPE=tl.float64 if v.dtype == torch.float64 else tl.float32,
+        BLOCK_S=BLOCK_S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=4 if BLOCK_D <= 64 else 8,
+    )
+    return out, den
+
+
+def fused_attention_output_backward(
+    grad_out: torch.Tensor,
+    attn: torch.Tensor,
+    v: torch.Tensor,
+    dest: torch.Tensor,
+    den: torch.Tensor,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eager backward of out = rowmerge_w(P @ V'[dest]), in float32.
+
+    With G_q = grad[dest q] * w_q / W[dest q] (the row merge's adjoint):
+    dP = G @ V'^T gathered on the key axis by dest; dV' = M @ (P^T @ G) with the
+    one-hot slot matrix M (T', T): a matmul instead of a float scatter_add, so the
+    backward is deterministic too.
+    """
+    B, H, T, _ = attn.shape
+    t_out, D = v.shape[-2], v.shape[-1]
+    dest = dest.long()
+    if size is None:
+        size = torch.ones(B, T, device=dest.device, dtype=torch.float32)
+    w = pooling_weights(mode, size, attn_received)
+    g = grad_out.float() / den[:, None, :, None]
+    g = g.gather(2, dest[:, None, :, None].expand(B, H, T, D)) * w[:, None, :, None]
+    p = attn.to(v.dtype).float()
+    grad_attn = (g @ v.float().transpose(-1, -2)).gather(3, dest[:, None, None, :].expand(B, H, T, T))
+    onehot = (dest[:, None, :] == torch.arange(t_out, device=dest.device)[None, :, None]).float()
+    grad_v = onehot[:, None] @ (p.transpose(-1, -2) @ g)
+    return grad_attn.to(attn.dtype), grad_v.to(v.dtype)
+
+
+def _fused_setup(ctx, inputs, output) -> None:
+    attn, v, dest, _t_out, size, attn_received, mode = inputs
+    _out, den = output
+    ctx.mode = mode
+    ctx.save_for_backward(attn, v, dest, den, size, attn_received)
+
+
+def _fused_backward(ctx, grad_out, _grad_den):
+    attn, v, dest, den, size, attn_received = ctx.saved_tensors
+    grad_attn, grad_v = fused_attention_output_backward(grad_out, attn, v, dest, den, size, attn_received, ctx.mode)
+    return grad_attn, grad_v, None, None, None, None, None
+
+
+if HAS_TRITON_OP:
+    attention_received_op = torch.library.triton_op("mctf::attention_received", _attention_received_impl, mutates_args=())
+    attention_received_op.register_autograd(_attention_received_backward, setup_context=_attention_received_setup)
+    fused_op = torch.library.triton_op("mctf::fused_attention_output", _fused_impl, mutates_args=())
+    fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+else:  # torch < 2.6: direct launches behind autograd.Functions
+    class _AttentionReceivedFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, attn):
+            out = _attention_received_impl(attn)
+            _attention_received_setup(ctx, (attn,), out)
+            return out
+
+        backward = staticmethod(_attention_received_backward)
+
+    class _FusedFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = _fused_impl(*inputs)
+            _fused_setup(ctx, inputs, output)
+            ctx.mark_non_differentiable(output[1])
+            return output
+
+        backward = staticmethod(_fused_backward)
+
+    attention_received_op = _AttentionReceivedFunction.apply
+    fused_op = _FusedFunction.apply
+
+
+def attention_received(attn: torch.Tensor) -> torch.Tensor:
+    """Triton ``attention_received``: (B, H, T, T) -> (B, T) float32."""
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must have shape (B, H, T, T), got {tuple(attn.shape)}")
+    return attention_received_op(attn)
+
+
+def fused_attention_output(
+    attn: torch.Tensor,
+    v: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor] = None,
+    attn_received: Optional[torch.Tensor] = None,
+    *,
+    mode: int = 1,
+) -> torch.Tensor:
+    """Triton ``fused_attention_output``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3."""
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must have shape (B, H, T, T), got {tuple(attn.shape)}")
+    B, H, T, _ = attn.shape
+    if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
+        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
+    check_dest(dest, B, T, t_out, attn.device)
+    if mode == 2:
+        raise ValueError("fused_attention_output has no kernel for max pooling (mode 2): P' does not factor")
+    if mode not in (0, 1, 3):
+        raise ValueError(f"pooling mode must be one of (0, 1, 3) here, got {mode!r}")
+    if mode == 1 and attn_received is None:
+        raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
+    for name, t in (("size", size), ("attn_received", attn_received)):
+        if t is not None and (tuple(t.shape) != (B, T) or t.device != attn.device):
+            raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {attn.device}")
+    if v.device != attn.device:
+        raise ValueError(f"v is on {v.device} but attn is on {attn.device}")
+    out, _den = fused_op(attn, v, dest, t_out, size, attn_received, mode)
+    return out

@@ -1,0 +1,248 @@
+"""Triton launcher of ``merge`` (SPEC section 5); the eager reference it must equal
+is ``mctf_kernels.merge.merge_reference``.
+
+Layers: ``_merge_kernel`` (one program per slot and channel block) <- ``launch_merge``
+(slot index, grid, strides; also serves the per-head query rows of
+``fused_attention_output``) <- the ``mctf::merge`` op with its autograd <- ``merge``
+(the launcher registered in ``LAUNCHERS``, same arguments as the reference).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..merge import merge_reference, pooling_weights  # noqa: F401  (the reference beside its launcher)
+from ._merge_kernel import _merge_kernel
+
+# torch.library.triton_op / wrap_triton (torch >= 2.6) make the kernels visible to
+# torch.compile; older torch (>= 2.4) calls the kernels directly behind an
+# autograd.Function.
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def wrap(kernel):
+    return torch.library.wrap_triton(kernel) if HAS_TRITON_OP else kernel
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_size(n: int, cap: int, floor: int = 16) -> int:
+    """Power-of-two block covering ``n`` within [floor, cap]. The interpreter runs
+    one numpy op per program, so it gets the largest block (fewest programs)."""
+    if interpreting():
+        cap = max(cap, 1024)
+    return max(floor, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+def warps_for(block: int) -> int:
+    return 1 if block <= 64 else 2 if block <= 256 else 4
+
+
+def last_dim_unit(t: torch.Tensor) -> torch.Tensor:
+    """Strides are passed to the kernels; copy only when the channel dim is strided
+    (a strided last dim would make every load uncoalesced)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def slot_index(dest: torch.Tensor, t_out: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CSR-like inverse of the slot map, on device and without host sync.
+
+    order (B, T): token indices sorted by slot (stable: ascending index inside a slot);
+    starts (B, T'+1): slot o's members are order[b, starts[b, o]:starts[b, o+1]].
+    """
+    B = dest.shape[0]
+    sorted_dest, order = torch.sort(dest.long().contiguous(), dim=1, stable=True)
+    bounds = torch.arange(t_out + 1, device=dest.device).expand(B, t_out + 1).contiguous()
+    starts = torch.searchsorted(sorted_dest, bounds)
+    return order.contiguous(), starts.contiguous()
+
+
+def launch_merge(
+    x: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+    source: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch.
+
+    Returns (x' (..., T', C), size' (B, T') float32, source' (B, T', N) or None,
+    den (B, T') float32 = slot sums of the pooling weights; unset for max pooling).
+    """
+    x = last_dim_unit(x)
+    if x.dim() == 3:
+        B, T, C = x.shape
+        H, sxb, sxh, sxt, sxc = 1, x.stride(0), 0, x.stride(1), x.stride(2)
+    else:
+        B, H, T, C = x.shape
+        sxb, sxh, sxt, sxc = x.stride()
+    device = x.device
+    order, starts = slot_index(dest, t_out)
+
+    out = torch.empty(*x.shape[:-2], t_out, C, device=device, dtype=out_dtype or x.dtype)
+    sob, soh, sot = (out.stride(0), 0, out.stride(1)) if x.dim() == 3 else out.stride()[:3]
+    new_size = torch.empty(B, t_out, device=device, dtype=torch.float32)
+    den = torch.empty(B, t_out, device=device, dtype=torch.float32)
+
+    has_size = size is not None
+    size_arg = size if has_size else new_size  # placeholder pointer, never read
+    ss = (size.stride(0), size.stride(1)) if has_size else (0, 0)
+    if mode == 1:
+        if attn_received is None:
+            raise ValueError("pooling mode 1 (attention-and-size) needs attn_received")
+        attn_arg, sa = attn_received, (attn_received.stride(0), attn_received.stride(1))
+    else:
+        attn_arg, sa = new_size, (0, 0)
+    smax = size.float().amax(dim=1) if has_size and mode == 1 else new_size
+
+    has_source = source is not None
+    if has_source:
+        N = source.shape[-1]
+        source = last_dim_unit(source)
+        new_source = torch.empty(B, t_out, N, device=device, dtype=source.dtype)
+        src_arg, sn = source, source.stride()
+    else:
+        N = 0
+        new_source = None
+        src_arg, sn = new_size, (0, 0, 0)
+
+    BLOCK_C = block_size(C, 256)
+    BLOCK_N = block_size(N, 256) if has_source else 16
+    n_blk = max(triton.cdiv(C, BLOCK_C), triton.cdiv(N, BLOCK_N) if has_source else 1)
+    grid = (B * H * t_out, n_blk)
+    wrap(_merge_kernel)[grid](
+        x, sxb, sxh, sxt, sxc,
+        order, starts,
+        size_arg, ss[0], ss[1],
+        attn_arg, sa[0], sa[1],
+        smax,
+        src_arg, sn[0], sn[1], sn[2],
+        out, sob, soh, sot,
+        new_size, den, new_source if has_source else new_size,
+        H, T, t_out, C, N,
+        MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
+        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
+        num_warps=warps_for(max(BLOCK_C, BLOCK_N)),
+    )
+    return out, new_size, new_source, den
+
+
+# ---------------------------------------------------------------- backward (eager)
+
+def merge_backward(
+    grad_out: torch.Tensor,
+    x: Optional[torch.Tensor],
+    out: Optional[torch.Tensor],
+    dest: torch.Tensor,
+    den: torch.Tensor,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+    x_dtype: torch.dtype,
+) -> torch.Tensor:
+    """d x' / d x for x (B, [H,] T, C): the gathers of the reference's scatters.
+
+    Weighted: grad_x[t] = (grad[dest t] / W[dest t]) * w_t. Max: like torch's
+    scatter_reduce amax gradient, the slot's gradient is split evenly among the
+    members equal to the maximum. Weights carry no gradient (as in the reference).
+    """
+    B, T = dest.shape
+    lead = [1] * (grad_out.dim() - 3)
+    C = grad_out.shape[-1]
+    index = dest.long().view(B, *lead, T, 1).expand(*grad_out.shape[:-2], T, C)
+    if mode == 2:
+        g = grad_out.to(x.dtype)
+        is_max = x == out.gather(-2, index)
+        ties = torch.zeros_like(g).scatter_add(-2, index, is_max.to(g.dtype))
+        return (is_max * (g / ties).gather(-2, index)).to(x_dtype)
+    if size is None:
+        size = torch.ones(B, T, device=dest.device, dtype=torch.float32)
+    w = pooling_weights(mode, size, attn_received).view(B, *lead, T, 1)
+    g = grad_out.float() / den.view(B, *lead, -1, 1)
+    return (g.gather(-2, index) * w).to(x_dtype)
+
+
+# ---------------------------------------------------------------- op + autograd
+
+def _merge_impl(
+    x: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+    source: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, new_size, new_source, den = launch_merge(x, dest, t_out, size, attn_received, mode, source)
+    if new_source is None:  # custom ops cannot return None
+        new_source = x.new_empty(0)
+    return out, new_size, new_source, den
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, dest, _t_out, size, attn_received, mode, _source = inputs
+    out, _new_size, _new_source, den = output
+    ctx.mode = mode
+    ctx.x_dtype = x.dtype
+    if mode == 2:
+        ctx.save_for_backward(x, out, dest, den, None, None)
+    else:
+        ctx.save_for_backward(None, None, dest, den, size, attn_received)
+
+
+def _backward(ctx, grad_out, _g_size, _g_source, _g_den):
+    x, out, dest, den, size, attn_received = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = merge_backward(grad_out, x, out, dest, den, size, attn_received, ctx.mode, ctx.x_dtype)
+    return grad_x, None, None, None, None, None, None
+
+
+if HAS_TRITON_OP:
+    merge_op = torch.library.triton_op("mctf::merge", _merge_impl, mutates_args=())
+    merge_op.register_autograd(_backward, setup_context=_setup_context)
+else:  # torch < 2.6: eager autograd.Function around the direct launch
+    class _MergeFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, dest, t_out, size, attn_received, mode, source):
+            output = _merge_impl(x, dest, t_out, size, attn_received, mode, source)
+            _setup_context(ctx, (x, dest, t_out, size, attn_received, mode, source), output)
+            ctx.mark_non_differentiable(*output[1:])
+            return output
+
+        backward = staticmethod(_backward)
+
+    merge_op = _MergeFunction.apply
+
+
+def merge(
+    x: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor] = None,
+    attn_received: Optional[torch.Tensor] = None,
+    *,
+    mode: int = 1,
+    source: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None)."""
+    B, T, _ = x.shape
+    if mode == 1 and attn_received is None:
+        raise ValueError("pooling mode 1 (attention-and-size) needs attn_received")
+    if source is not None:
+        if source.dim() != 3 or source.shape[:2] != (B, T):
+            raise ValueError(f"source must have shape (B, T, N) with (B, T) = ({B}, {T}), got {tuple(source.shape)}")
+        if source.device != x.device:
+            raise ValueError(f"source is on {source.device} but the tokens are on {x.device}")
+    out, new_size, new_source, _den = merge_op(x, dest, t_out, size, attn_received, mode, source)
+    return out, new_size, (new_source if source is not None else None)

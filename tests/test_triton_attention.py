@@ -1,0 +1,194 @@
+"""Triton ``attention_received`` and ``fused_attention_output`` against the eager
+references (SPEC sections 3 and 6). CPU: a subset under TRITON_INTERPRET=1."""
+import itertools
+
+import pytest
+import torch
+
+import mctf_kernels as mk
+from mctf_kernels import ops
+from mctf_kernels.merge import pooling_weights, segment_sum
+
+ON_CUDA = torch.cuda.is_available()
+
+if ON_CUDA:
+    SHAPES = list(itertools.product((1, 3), (5, 196, 197, 577, 1370)))  # (B, T)
+    HEAD_DIMS = (48, 64, 128)
+    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+else:
+    SHAPES = [(1, 5), (3, 196), (1, 197), (1, 577)]
+    HEAD_DIMS = (64,)
+    DTYPES = (torch.float32,)
+H = 3
+MAPS = ("bi-1", "uni-0", "bi-2", "random")
+# Outputs are O(1) weighted averages of V rows: fp32 sums over T terms are ~1e-6
+# off; fp16/bf16 are dominated by rounding P to V's dtype and the output
+# (2^-11, 2^-8 relative), and the eager reference also rounds P @ V'[dest].
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_dest(kind, B, T, device):
+    if kind == "random":
+        t_out = max(1, (2 * T) // 3)
+        rows = []
+        for _ in range(B):
+            slots = torch.cat([torch.randperm(t_out), torch.randint(0, t_out, (T - t_out,))])
+            rows.append(slots[torch.randperm(T)])
+        return torch.stack(rows).to(device), t_out
+    bidirectional, num_protected = kind.split("-")
+    num_protected = int(num_protected)
+    r = (T - num_protected) // 3 if T > 5 else (T - num_protected) // 2
+    dest = mk.match_reference(torch.randn(B, T, 32, device=device), r, torch.rand(B, T, device=device), None,
+                              num_protected=num_protected, bidirectional=bidirectional == "bi")
+    return dest, T - r
+
+
+def make_attn(B, T, dtype, device):
+    return torch.softmax(3 * torch.randn(B, H, T, T, device=device), dim=-1).to(dtype)
+
+
+def fused_truth(attn, v, dest, t_out, size, attn_received, mode):
+    """float64 rowmerge(P @ V'[dest]) with the reference's float32 weights and operand rounding."""
+    B, _, T, _ = attn.shape
+    if size is None:
+        size = torch.ones(B, T, device=attn.device)
+    w = pooling_weights(mode, size, attn_received).double()
+    dest = dest.long()
+    v64 = v.double()
+    per_query = attn.to(v.dtype).double() @ v64.gather(2, dest[:, None, :, None].expand(-1, H, -1, v.shape[-1]))
+    num = segment_sum(per_query * w[:, None, :, None], dest, t_out)
+    return num / segment_sum(w[:, :, None], dest, t_out)[:, None]
+
+
+def assert_close(out, ref, exact, dtype):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    err = (out.double() - exact).abs().max().item()
+    ref_err = (ref.double() - exact).abs().max().item()
+    scale = max(1.0, exact.abs().max().item())
+    assert err <= max(TOL[dtype] * scale, 2 * ref_err), (err, ref_err)
+
+
+@pytest.mark.parametrize("B,T", SHAPES)
+def test_attention_received(device, triton_backend, B, T):
+    for dtype in DTYPES:
+        attn = make_attn(B, T, dtype, device)
+        out = mk.attention_received(attn)
+        assert out.dtype == torch.float32 and out.shape == (B, T)
+        # A mean of probabilities; fp32 partial sums are ~1e-7 relative off.
+        torch.testing.assert_close(out.double(), attn.double().mean(dim=(1, 2)), atol=1e-6, rtol=1e-5)
+        assert torch.equal(out, mk.attention_received(attn))  # deterministic
+
+
+def test_attention_received_strided_and_grad(device, triton_backend):
+    B, T = 2, 197
+    base = make_attn(B, T, torch.float32, device).transpose(0, 1)  # (H, B, T, T)
+    for attn in (base.transpose(0, 1), base.transpose(0, 1).transpose(-1, -2)):  # strided batch; strided keys
+        torch.testing.assert_close(mk.attention_received(attn), mk.attention_received_reference(attn.contiguous()))
+    attn = base.transpose(0, 1).clone().requires_grad_(True)
+    g = torch.randn(B, T, device=device)
+    (grad,) = torch.autograd.grad(mk.attention_received(attn), attn, g)
+    (grad_ref,) = torch.autograd.grad(mk.attention_received_reference(attn), attn, g)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("mode", (0, 1, 3))
+@pytest.mark.parametrize("B,T", SHAPES)
+def test_fused_attention_output_matches_reference(device, triton_backend, B, T, mode):
+    kinds = MAPS if ON_CUDA else [MAPS[(mode + T + j) % 4] for j in (0, 2)]
+    for i, (kind, D, dtype) in enumerate(itertools.product(kinds, HEAD_DIMS, DTYPES)):
+        dest, t_out = make_dest(kind, B, T, device)
+        attn = make_attn(B, T, torch.float32 if i % 2 else dtype, device)  # P may stay fp32 under autocast
+        v = torch.randn(B, H, t_out, D, device=device, dtype=dtype)
+        size = torch.randint(1, 5, (B, T), device=device).float() if i % 2 == 0 else None
+        attn_received = attn.float().mean(dim=(1, 2))
+        out = mk.fused_attention_output(attn, v, dest, t_out, size, attn_received, mode=mode)
+        ref = mk.fused_attention_output_reference(attn, v, dest, t_out, size, attn_received, mode=mode)
+        assert_close(out, ref, fused_truth(attn, v, dest, t_out, size, attn_received, mode), dtype)
+
+
+@pytest.mark.parametrize("mode", (0, 1, 3))
+def test_fused_attention_output_grad(device, triton_backend, mode):
+    B, T, D = 2, 197, 64
+    dest, t_out = make_dest("bi-1", B, T, device)
+    attn = make_attn(B, T, torch.float32, device).requires_grad_(True)
+    v = torch.randn(B, H, t_out, D, device=device, requires_grad=True)
+    size = torch.randint(1, 5, (B, T), device=device).float()
+    attn_received = attn.detach().mean(dim=(1, 2))
+    out = mk.fused_attention_output(attn, v, dest, t_out, size, attn_received, mode=mode)
+    ref = mk.fused_attention_output_reference(attn, v, dest, t_out, size, attn_received, mode=mode)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (attn, v), g)
+    grads_ref = torch.autograd.grad(ref, (attn, v), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_output_gradcheck(device, triton_backend):
+    B, T, D = 1, 6, 16
+    dest = torch.tensor([[0, 1, 1, 2, 3, 0]], device=device)
+    attn = torch.softmax(torch.randn(B, H, T, T, device=device, dtype=torch.float64), -1).requires_grad_(True)
+    v = torch.randn(B, H, 4, D, device=device, dtype=torch.float64, requires_grad=True)
+    size, attn_received = torch.rand(B, T, device=device) + 0.5, torch.rand(B, T, device=device)
+    assert torch.autograd.gradcheck(
+        lambda a, v: mk.fused_attention_output(a, v, dest, 4, size, attn_received, mode=1), (attn, v), fast_mode=True
+    )
+
+
+def test_fused_attention_output_non_contiguous(device, triton_backend):
+    B, T, D = 2, 197, 64
+    dest, t_out = make_dest("bi-1", B, T, device)
+    attn = make_attn(B, T, torch.float32, device).transpose(0, 1).contiguous().transpose(0, 1)  # strided batch
+    qkv = torch.randn(B, t_out, 3, H, D, device=device)
+    v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T', D) view, as timm slices qkv
+    size = torch.randint(1, 5, (T, B), device=device).float().t()
+    attn_received = attn.mean(dim=(1, 2))
+    for a in (attn, attn.transpose(-1, -2).contiguous().transpose(-1, -2)):  # last dim strided too
+        out = mk.fused_attention_output(a, v, dest.t().contiguous().t(), t_out, size, attn_received, mode=1)
+        ref = mk.fused_attention_output_reference(a.contiguous(), v.contiguous(), dest, t_out, size.contiguous(),
+                                                  attn_received, mode=1)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        assert torch.equal(out, mk.fused_attention_output(a, v, dest, t_out, size, attn_received, mode=1))
+
+
+def test_fused_attention_output_runs_the_kernel(device, triton_backend, monkeypatch):
+    from mctf_kernels.triton import _attention_kernel
+
+    calls = []
+    for name in ("_fused_attention_output_kernel", "_attention_received_kernel"):
+        kernel = getattr(_attention_kernel, name)
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _n=name, **k: calls.append(_n) or _run(*a, **k))
+    monkeypatch.setattr(ops, "fused_attention_output_reference", None)
+    monkeypatch.setattr(ops, "attention_received_reference", None)
+    attn = make_attn(1, 5, torch.float32, device)
+    dest = torch.tensor([[0, 1, 1, 2, 0]], device=device)
+    mk.fused_attention_output(attn, torch.randn(1, H, 3, 16, device=device), dest, 3, None,
+                              mk.attention_received(attn), mode=1)
+    assert calls == ["_attention_received_kernel", "_fused_attention_output_kernel"]
+
+
+def test_fused_attention_output_max_pooling_has_no_kernel(device, triton_backend):
+    attn = make_attn(1, 5, torch.float32, device)
+    dest = torch.tensor([[0, 1, 1, 2, 0]], device=device)
+    with pytest.raises(mk.BackendUnavailable, match="max pooling"):
+        mk.fused_attention_output(attn, torch.randn(1, H, 3, 16, device=device), dest, 3, mode=2)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="torch.compile of user Triton kernels needs CUDA (fake tensors cannot run the interpreter)")
+def test_attention_ops_torch_compile_fullgraph(triton_backend):
+    B, T, D = 2, 197, 64
+    dest, t_out = make_dest("bi-1", B, T, "cuda")
+    attn = make_attn(B, T, torch.float32, "cuda").requires_grad_(True)
+    v = torch.randn(B, H, t_out, D, device="cuda", requires_grad=True)
+    size = torch.randint(1, 5, (B, T), device="cuda").float()
+
+    def f(received, fused, attn, v):
+        attn_received = received(attn.detach())
+        return fused(attn, v, dest, t_out, size, attn_received, mode=1).square().sum()
+
+    loss = torch.compile(f, fullgraph=True)(mk.attention_received, mk.fused_attention_output, attn, v)
+    grads = torch.autograd.grad(loss, (attn, v))
+    ref_loss = f(mk.attention_received_reference, mk.fused_attention_output_reference, attn, v)
+    grads_ref = torch.autograd.grad(ref_loss, (attn, v))
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
