@@ -17,6 +17,8 @@ setup(
     entry_points={
         "console_scripts": [
             "mctf-bench=mctf.bench_cli:main",
+            "mctf-eval=mctf.eval_cli:main",
+            "mctf-visualize=mctf.visualize:main",
         ],
     },
 )
