@@ -1,0 +1,146 @@
+"""The benchmarks run and report consistent numbers (CPU, tiny models).
+
+Performance itself is measured by the benchmarks, never asserted here: only the
+output's fields and the arithmetic between them are checked.
+"""
+import ast
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mctf import bench_cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--models", "deit_tiny_patch16_224", "--model-kwargs", '{"img_size": 64, "depth": 2}',
+        "--batch-size", "2", "--seconds", "0", "--warmup", "0", "--max-iters", "1", "--threads", "1",
+        "--device", "cpu"]
+
+
+def _close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _run(tmp_path, *extra):
+    path = tmp_path / "out.json"
+    assert bench_cli.main(TINY + list(extra) + ["--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_cli_rows_and_ratios(tmp_path):
+    out = _run(tmp_path, "--dtype", "fp32", "bf16", "--r-sweep", "0", "4", "--r-sweep-model", "deit_tiny_patch16_224",
+               "--latency", "--cuda-graphs")
+    meta = out["meta"]
+    for key in ("device_name", "torch", "triton", "timm", "date", "argv"):
+        assert meta[key], key
+    assert meta["device_type"] == "cpu" and meta["device_name"].startswith("CPU")
+    assert out["torch"] == meta["torch"] and out["date"] == meta["date"]  # the first version's keys
+
+    rows = out["rows"]
+    # 2 dtypes x (baseline:timm + 2 presets x {eager, triton}) x {plain, cudagraphs}
+    assert len(rows) == 2 * (1 + 2 * 2) * 2
+    measured = [r for r in rows if r.get("images_per_s")]
+    assert {(r["preset"], r["provider"]) for r in measured} == {
+        ("baseline", "timm"), ("mctf", "eager"), ("mctf-fast", "eager")}
+    assert not [r for r in rows if r.get("error")]
+    for r in rows:
+        if r["provider"].startswith("triton"):
+            assert "CUDA" in r["skipped"]  # one-line reason, the interpreter is never benchmarked
+        if r["provider"].endswith("+cudagraphs"):
+            assert r.get("skipped")
+    skipped = {s["provider"] for s in out["skipped"]}
+    assert {"triton", "triton+cudagraphs", "timm+cudagraphs", "eager+cudagraphs"} <= skipped
+
+    for dtype in ("fp32", "bf16"):
+        base = next(r for r in rows if r["dtype"] == dtype and r["provider"] == "timm")
+        assert base["amp"] is False and base["peak_mem_mb"] is None  # no allocator peak on CPU
+        for r in (r for r in measured if r["dtype"] == dtype):
+            assert _close(r["speedup"], r["images_per_s"] / base["images_per_s"])
+            assert _close(r["ideal_speedup"], base["gflops"] / r["gflops"])
+            assert _close(r["flop_ratio"], r["ideal_speedup"])
+            assert _close(r["achieved_over_ideal"], r["speedup"] / r["ideal_speedup"])
+            if r["preset"] != "baseline":
+                assert r["gflops"] < base["gflops"] and r["final_tokens"] < base["final_tokens"]
+                assert _close(r["vs_eager"], 1.0)  # the eager row is its own reference
+    assert "process_peak_rss_mb" in meta and "memory_note" in meta
+
+    sweep = out["r_sweep"]
+    assert sweep["baseline"]["images_per_s"] and [p["r"] for p in sweep["points"] if p.get("images_per_s")] == [0, 4]
+    by_r = {p["r"]: p for p in sweep["points"] if p["provider"] == "eager"}
+    assert _close(by_r[0]["gflops"], sweep["baseline"]["gflops"])  # r = 0 fuses nothing
+    assert by_r[4]["gflops"] < by_r[0]["gflops"] and by_r[4]["final_tokens"] == 17 - 4
+    assert _close(by_r[4]["ideal_speedup"], sweep["baseline"]["gflops"] / by_r[4]["gflops"])
+    assert out["latency"]["rows"] == [] and "CUDA" in out["latency"]["skipped"]
+
+
+def test_cli_compile_legacy_backend_and_save(tmp_path):
+    # --backend is the first version's flag: the baseline and one MCTF backend
+    path = tmp_path / "legacy.json"
+    bench_cli.main(TINY + ["--backend", "reference", "--presets", "baseline", "mctf", "--json", str(path)])
+    assert [r["provider"] for r in json.loads(path.read_text())["rows"]] == ["timm", "eager"]
+
+    # compile rows (dynamo tracing with a codegen-free backend keeps this fast) and --save's default name
+    bench_cli.main(TINY + ["--providers", "eager", "--presets", "mctf", "--compile", "--compile-backend", "aot_eager",
+                           "--save", "--results-dir", str(tmp_path / "results")])
+    (saved,) = (tmp_path / "results").iterdir()
+    assert saved.name.startswith("cpu-") and saved.name.endswith(".json")
+    rows = json.loads(saved.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["eager", "eager+compile"]
+    assert all(r["images_per_s"] for r in rows) and rows[1]["setup_s"] is not None
+    assert rows[0]["speedup"] is None  # no baseline row asked for
+
+
+def test_mctf_never_imports_triton():
+    for path in (ROOT / "mctf").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] == "triton"], path
+
+
+def test_kernel_bench_suite_cpu_smoke(tmp_path):
+    """``pytest bench/ --cpu-smoke``: every op x provider once, with its extra_info."""
+    report = tmp_path / "kernels.json"
+    env = dict(os.environ, MCTF_BENCH_COMPILE_BACKEND="aot_eager", TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--cpu-smoke", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={report}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["machine_info"]["mctf"]["smoke"] is True
+    seen = set()
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        seen.add((info["op"], info["provider"]))
+        for key in ("median_ms", "bytes_moved", "bytes_formula", "gbps", "copy_gbps", "pct_of_copy_bw"):
+            assert key in info, key
+        assert _close(info["gbps"], info["bytes_moved"] / (info["median_ms"] / 1e3) / 1e9)
+        assert _close(info["pct_of_copy_bw"], 100 * info["gbps"] / info["copy_gbps"])
+    ops = ("match", "merge", "attention_received", "fused_attention_output")
+    assert seen == {(o, p) for o in ops for p in ("reference", "compiled", "triton")}
+
+
+def test_readme_table(tmp_path):
+    out = _run(tmp_path, "--dtype", "fp32", "--presets", "baseline", "mctf")
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_table.py"), str(tmp_path / "out.json"), "--all"],
+                           check=True, capture_output=True, text=True, timeout=60).stdout
+    body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(body) == 1 + len(out["rows"])  # header + every row (skipped ones with their reason)
+    assert "skipped: Triton kernels need CUDA" in table and out["meta"]["device_name"] in table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional (extras 'bench')")
+def test_plot_r_sweep(tmp_path):
+    _run(tmp_path, "--dtype", "fp32", "--presets", "baseline", "--r-sweep", "0", "4",
+         "--r-sweep-model", "deit_tiny_patch16_224")
+    png = tmp_path / "plot.png"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(tmp_path / "out.json"), "-o", str(png)],
+                   check=True, capture_output=True, timeout=120)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
