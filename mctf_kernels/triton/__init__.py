@@ -11,3 +11,4 @@ from .attention import fused_attention_output as _fused_attention_output  # noqa
 
 LAUNCHERS["attention_received"] = _attention_received
 LAUNCHERS["fused_attention_output"] = _fused_attention_output
+from . import match as _match  # noqa: E402,F401  (registers LAUNCHERS["match"])

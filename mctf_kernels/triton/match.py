@@ -1,0 +1,178 @@
+"""Launcher of the fused score-and-match kernels: same contract as
+``mctf_kernels.match.match_reference`` (slot map ``dest`` (B, T) int64).
+
+Launches (one per stage, no host sync, no data-dependent shapes): token stats,
+stage-1 row max, rank of A, stage-2 column max (bidirectional only), slot
+assignment. See ``_match_kernel`` for what each computes.
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+from typing import Optional
+
+import torch
+import triton
+
+from .._checks import check_per_token, check_temperature, check_tokens
+from ..dispatch import interpreter_enabled
+from ..match import _check_r
+from ..schedule import split_directions
+from . import LAUNCHERS
+from . import _match_kernel as K
+
+# Ranks, positions and slots are int32 inside the kernels; 2**16 tokens keeps
+# every count far from overflow and is well beyond ViT sequence lengths.
+MAX_TOKENS = 65536
+
+# Python-side count of kernel launches, so tests can tell the kernels ran
+# (it counts launches traced by torch.compile only once, at trace time).
+launch_count = 0
+
+_triton_op = getattr(torch.library, "triton_op", None)  # torch >= 2.6
+_wrap_triton = getattr(torch.library, "wrap_triton", None)
+
+
+def _pow_mode(tau: float, active: bool) -> tuple[int, float]:
+    """Kernel pow mode and float32 exponent for a temperature, as torch's pow
+    special-cases the exponent (it rounds a Python float exponent to float32)."""
+    if not tau or not active:
+        return K.POW_OFF, 1.0
+    e = struct.unpack("f", struct.pack("f", 1.0 / tau))[0]  # round to float32
+    mode = {1.0: K.POW_ONE, 0.5: K.POW_SQRT, 2.0: K.POW_SQUARE, 3.0: K.POW_CUBE}.get(e, K.POW_GENERAL)
+    return mode, e
+
+
+def _blocks(interpret: bool, t1: int, t2: int, C: int, T: int) -> dict:
+    """Block sizes: moderate tiles on GPU (fp32 FMA dot, register bound); under the
+    interpreter one large config, since each op costs Python overhead, not FLOPs."""
+    p2 = triton.next_power_of_2
+    if interpret:
+        tile, chunk, rank = 128, 256, 256
+    else:
+        tile, chunk, rank = 64, 32, 128
+    return dict(
+        BLOCK_A=max(16, min(tile, p2(t1))),
+        BLOCK_B=max(16, min(tile, p2(t2))),
+        BLOCK_C=max(16, min(chunk, p2(C))),
+        BLOCK_R=max(16, min(rank, p2(T))),
+        BLOCK_J=max(16, min(rank, p2(T))),
+    )
+
+
+def _launch(kernel, grid, *args, **meta):
+    global launch_count
+    launch_count += 1
+    # wrap_triton makes the launch traceable by torch.compile; the interpreter's
+    # kernels are not JITFunctions, so they are called directly.
+    if _wrap_triton is not None and isinstance(kernel, triton.runtime.jit.JITFunction):
+        _wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _match_impl(
+    x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
+    tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
+) -> torch.Tensor:
+    B, T, C = x.shape
+    t1, t2 = (T + 1) // 2, T // 2
+    r1, r2 = split_directions(r, bidirectional)
+    dev = x.device
+    sim_mode, e_sim = _pow_mode(tau_sim, True)
+    info_mode, e_info = _pow_mode(tau_info, attn_received is not None)
+    size_mode, e_size = _pow_mode(tau_size, size is not None)
+    interpret = interpreter_enabled() or dev.type != "cuda"
+    blk = _blocks(interpret, t1, t2, C, T)
+    common = dict(SIM_MODE=sim_mode, INFO_MODE=info_mode, SIZE_MODE=size_mode,
+                  HAS_PROT=num_protected > 0, USE_LIBDEVICE=not interpret,
+                  BLOCK_A=blk["BLOCK_A"], BLOCK_B=blk["BLOCK_B"], BLOCK_C=blk["BLOCK_C"])
+    # Warps: the fp32 dot tiles are 64x64 on GPU; 4 warps keep registers in check.
+    warps = {} if interpret else dict(num_warps=4)
+
+    stats = torch.empty(B, 3, T, device=dev, dtype=torch.float32)
+    node_max = torch.empty(B, t1, device=dev, dtype=torch.float32)
+    node_idx = torch.empty(B, t1, device=dev, dtype=torch.int32)
+    rank_a = torch.empty(B, t1, device=dev, dtype=torch.int32)
+    node_max2 = torch.empty(B, max(t2, 1), device=dev, dtype=torch.float32)
+    node_idx2 = torch.empty(B, max(t2, 1), device=dev, dtype=torch.int32)
+    dest = torch.empty(B, T, device=dev, dtype=torch.int64)
+    # Absent optional inputs: any tensor as a never-read pointer.
+    attn = attn_received if attn_received is not None else x
+    sz = size if size is not None else x
+    sab, sat = (attn.stride(0), attn.stride(1)) if attn_received is not None else (0, 0)
+    ssb, sst = (sz.stride(0), sz.stride(1)) if size is not None else (0, 0)
+    sxb, sxt, sxc = x.stride()
+    taus = (e_sim, e_info, e_size)
+
+    ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        bt = blk["BLOCK_A"]
+        _launch(K._token_stats_kernel, (B, triton.cdiv(T, bt)),
+                x, attn, sz, stats, T, C, sxb, sxt, sxc, sab, sat, ssb, sst,
+                HAS_INFO=info_mode != K.POW_OFF, HAS_SIZE=size_mode != K.POW_OFF,
+                BLOCK_T=bt, BLOCK_C=blk["BLOCK_C"], BLOCK_R=blk["BLOCK_R"], **warps)
+        _launch(K._row_max_kernel, (B, triton.cdiv(t1, blk["BLOCK_A"])),
+                x, stats, node_max, node_idx, t1, t2, T, C, num_protected, sxb, sxt, sxc, *taus,
+                **common, **warps)
+        _launch(K._rank_kernel, (B, triton.cdiv(t1, blk["BLOCK_A"])),
+                node_max, rank_a, t1, BLOCK=blk["BLOCK_A"], BLOCK_J=blk["BLOCK_J"], **warps)
+        if bidirectional:
+            _launch(K._col_max_kernel, (B, triton.cdiv(t2, blk["BLOCK_B"])),
+                    x, stats, rank_a, node_max2, node_idx2, t1, t2, T, C, num_protected, r1,
+                    sxb, sxt, sxc, *taus, **common, **warps)
+        _launch(K._assign_kernel, (B, triton.cdiv(T, bt)),
+                rank_a, node_idx, node_max2, node_idx2, dest, T, t1, t2, r1, r2, num_protected,
+                BIDIR=bool(bidirectional), HAS_PROT=num_protected > 0, REMAP=num_protected > 1,
+                BLOCK_T=bt, BLOCK_J=blk["BLOCK_J"],
+                BLOCK_P=max(16, min(64, triton.next_power_of_2(max(num_protected, 1)))), **warps)
+    return dest
+
+
+if _triton_op is not None:
+    # A custom op whose body torch.compile can trace into (kernels via wrap_triton).
+    @_triton_op("mctf::match", mutates_args=())
+    def _match_op(
+        x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
+        tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
+    ) -> torch.Tensor:
+        return _match_impl(x, r, attn_received, size, tau_sim, tau_info, tau_size, num_protected, bidirectional)
+else:  # older torch: plain launches (still no host sync)
+    _match_op = _match_impl
+
+
+def match_triton(
+    x: torch.Tensor,
+    r: int,
+    attn_received: Optional[torch.Tensor] = None,
+    size: Optional[torch.Tensor] = None,
+    *,
+    tau_sim: float = 1.0,
+    tau_info: float = 20.0,
+    tau_size: float = 40.0,
+    num_protected: int = 1,
+    bidirectional: bool = True,
+) -> torch.Tensor:
+    """Fused score-and-match; equals ``match_reference`` (slot map (B, T) int64)."""
+    check_tokens("x", x)
+    B, T, C = x.shape
+    _check_r(r, T, num_protected)
+    check_per_token("attn_received", attn_received, B, T, x.device)
+    check_per_token("size", size, B, T, x.device)
+    for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
+        check_temperature(name, tau)
+    if r == 0:
+        return torch.arange(T, device=x.device).expand(B, T).clone()
+    if not 0 <= num_protected <= T:
+        raise ValueError(f"num_protected must be in [0, T={T}], got {num_protected}")
+    if T > MAX_TOKENS:
+        raise ValueError(f"the Triton match kernel supports T <= {MAX_TOKENS} tokens, got T={T}")
+    if C < 1 or B < 1:
+        raise ValueError(f"x must have B >= 1 and C >= 1, got shape {tuple(x.shape)}")
+    if x.device.type == "cpu" and not interpreter_enabled():
+        raise ValueError("the Triton match kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    return _match_op(x, r, attn_received, size, float(tau_sim), float(tau_info), float(tau_size),
+                     int(num_protected), bool(bidirectional))
+
+
+LAUNCHERS["match"] = match_triton
