@@ -39,6 +39,17 @@ def _heads(attn: TimmAttention, x: torch.Tensor):
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def _queries_keys(attn: TimmAttention, x: torch.Tensor):
+    """q, k (B, H, T, D) only: the one-step-ahead blocks take values from the fused tokens,
+    so projecting values for the unfused tokens would be wasted work."""
+    B, T, _ = x.shape
+    n = attn.qkv.out_features // 3
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * n]
+    qk = F.linear(x, attn.qkv.weight[: 2 * n], bias).reshape(B, T, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = qk.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k)
+
+
 def _values(attn: TimmAttention, x: torch.Tensor) -> torch.Tensor:
     """Only the value projection (B, H, T, D): the fused block never recomputes q, k."""
     B, T, _ = x.shape
@@ -62,13 +73,12 @@ def _log_size_bias(size: Optional[torch.Tensor], dtype: torch.dtype) -> Optional
     return None if size is None else size.log().to(dtype)[:, None, None, :]
 
 
-def _attention_probs(attn: TimmAttention, x: torch.Tensor, size: Optional[torch.Tensor]):
-    """Explicit softmax(q k^T * scale [+ log s]) (B, H, T, T) and the values."""
-    q, k, v = _heads(attn, x)
+def _softmax_probs(attn: TimmAttention, q, k, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """Explicit softmax(q k^T * scale [+ log s]) (B, H, T, T)."""
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if size is not None:
         logits = logits + _log_size_bias(size, logits.dtype)
-    return logits.softmax(dim=-1), v
+    return logits.softmax(dim=-1)
 
 
 def _attention(attn: TimmAttention, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
@@ -127,7 +137,7 @@ class MCTFBlock(TimmBlock):
 
         if r > 0 and cfg.one_step_ahead == 1:
             # fuse with this layer's attention, then reuse it merged: P' @ V(LN1(x'))
-            probs, _ = _attention_probs(self.attn, self.norm1(x), size)
+            probs = _softmax_probs(self.attn, *_queries_keys(self.attn, self.norm1(x)), size)
             x, dest, old_size, attn_received = self._fuse(x, probs, r, state)
             v = _values(self.attn, self.norm1(x))
             heads = mk.fused_attention_output(
@@ -136,12 +146,13 @@ class MCTFBlock(TimmBlock):
             x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
         elif r > 0 and cfg.one_step_ahead == 2:
             with torch.no_grad():  # "precise": this attention only picks the tokens
-                probs, _ = _attention_probs(self.attn, self.norm1(x), size)
+                probs = _softmax_probs(self.attn, *_queries_keys(self.attn, self.norm1(x)), size)
             x, *_ = self._fuse(x, probs, r, state)
             size = state.size if cfg.prop_attn else None
             x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
         elif r > 0:  # one_step_ahead == 0: normal block, fuse its output with its attention
-            probs, v = _attention_probs(self.attn, self.norm1(x), size)
+            q, k, v = _heads(self.attn, self.norm1(x))
+            probs = _softmax_probs(self.attn, q, k, size)
             heads = self.attn.attn_drop(probs) @ v
             x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
         else:
