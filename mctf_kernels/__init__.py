@@ -2,14 +2,25 @@
 and fused Triton kernels. Knows nothing of timm; see ``mctf`` for the model layer.
 """
 from .attention import (
+    FusionAttention,
+    attention_logits_reference,
     attention_received_reference,
+    fused_attention_output_qk_reference,
+    fusion_attention_reference,
     fused_attention_output_reference,
     merged_attention_reference,
 )
 from .dispatch import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
 from .match import match_from_scores_reference, match_reference
 from .merge import merge_reference, pooling_weights
-from .ops import attention_received, fused_attention_output, match, merge
+from .ops import (
+    attention_received,
+    fused_attention_output,
+    fused_attention_output_from,
+    fusion_attention,
+    match,
+    merge,
+)
 from .schedule import split_directions, tokens_to_remove
 from .scores import scores_reference
 
@@ -19,6 +30,8 @@ __all__ = [
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
     "tokens_to_remove", "split_directions",
     "match", "merge", "attention_received", "fused_attention_output",
+    "fusion_attention", "fused_attention_output_from", "FusionAttention",
+    "attention_logits_reference", "fusion_attention_reference", "fused_attention_output_qk_reference",
     "scores_reference", "match_reference", "match_from_scores_reference", "merge_reference",
     "pooling_weights", "attention_received_reference", "fused_attention_output_reference",
     "merged_attention_reference",

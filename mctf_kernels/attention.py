@@ -1,6 +1,7 @@
 """Attention-side ops of one-step-ahead fusion (SPEC sections 3 and 6)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -72,7 +73,65 @@ def fused_attention_output_reference(
     return merge_tokens_reference(per_query, dest, t_out, weights)
 
 
+@dataclasses.dataclass
+class FusionAttention:
+    """A one-step-ahead block's attention before fusion, in whichever form the backend keeps.
+
+    The reference forms the probabilities (``probs``); the Triton path keeps ``q``, ``k``
+    and each query's log-sum-exp ``lse`` and recomputes probabilities tile by tile, so the
+    (B, H, T, T) attention is never written to memory.
+    """
+
+    received: torch.Tensor  # (B, T) float32: mean attention each token receives
+    probs: Optional[torch.Tensor] = None  # (B, H, T, T)
+    q: Optional[torch.Tensor] = None  # (B, H, T, D)
+    k: Optional[torch.Tensor] = None  # (B, H, T, D)
+    lse: Optional[torch.Tensor] = None  # (B, H, T) float32
+    log_size: Optional[torch.Tensor] = None  # (B, T) bias on the logits (proportional attention)
+    scale: float = 1.0
+
+
+def attention_logits_reference(q, k, scale: float, log_size: Optional[torch.Tensor]) -> torch.Tensor:
+    """(q * scale) @ k^T [+ log s on each key], in q's dtype: (B, H, T, T)."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if log_size is not None:
+        logits = logits + log_size.to(logits.dtype)[:, None, None, :]
+    return logits
+
+
+def fusion_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, log_size: Optional[torch.Tensor] = None
+) -> FusionAttention:
+    """Form P = softmax(q k^T * scale [+ log s]) and the attention each token receives."""
+    probs = attention_logits_reference(q, k, scale, log_size).softmax(dim=-1)
+    return FusionAttention(received=attention_received_reference(probs.detach()), probs=probs,
+                           log_size=log_size, scale=scale)
+
+
+def fused_attention_output_qk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: Optional[torch.Tensor],
+    log_size: Optional[torch.Tensor],
+    scale: float,
+    v: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor] = None,
+    attn_received: Optional[torch.Tensor] = None,
+    *,
+    mode: int = 1,
+) -> torch.Tensor:
+    """P' @ V' recomputing P from q and k (``lse`` is implied by q, k and is not needed here)."""
+    probs = attention_logits_reference(q, k, scale, log_size).softmax(dim=-1)
+    return fused_attention_output_reference(probs, v, dest, t_out, size, attn_received, mode=mode)
+
+
 __all__ = [
+    "FusionAttention",
+    "attention_logits_reference",
+    "fusion_attention_reference",
+    "fused_attention_output_qk_reference",
     "attention_received_reference",
     "merged_attention_reference",
     "fused_attention_output_reference",

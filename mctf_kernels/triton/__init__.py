@@ -12,3 +12,8 @@ from .attention import fused_attention_output as _fused_attention_output  # noqa
 LAUNCHERS["attention_received"] = _attention_received
 LAUNCHERS["fused_attention_output"] = _fused_attention_output
 from . import match as _match  # noqa: E402,F401  (registers LAUNCHERS["match"])
+from .flash_attention import fused_attention_output_qk as _fused_attention_output_qk  # noqa: E402
+from .flash_attention import fusion_attention as _fusion_attention  # noqa: E402
+
+LAUNCHERS["fusion_attention"] = _fusion_attention
+LAUNCHERS["fused_attention_output_qk"] = _fused_attention_output_qk

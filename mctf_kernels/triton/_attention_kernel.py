@@ -3,10 +3,14 @@
 - ``_attention_received_kernel``: column sums of P (B, H, T, T) per head; the
   launcher sums the H partials in a fixed order (no atomics, deterministic).
 - ``_fused_attention_output_kernel``: P' @ V' = rowmerge(P @ V'[dest]) in one
-  pass over P, never forming P' nor gathering V'[dest] into memory.
+  pass over P, never forming P' nor gathering V'[dest] into memory. With
+  ``FROM_QK`` it reads no P at all: each tile is recomputed as exp(s - lse) from
+  q and k (the flash-style ``fused_attention_output_qk``).
 """
 import triton
 import triton.language as tl
+
+from ._flash_attention_kernel import key_bias, keys_t, logits_tile, scaled_queries
 
 
 @triton.jit
@@ -36,7 +40,12 @@ def _attention_received_kernel(
 
 @triton.jit
 def _fused_attention_output_kernel(
-    attn_ptr, stride_ab, stride_ah, stride_aq, stride_ak,
+    attn_ptr, stride_ab, stride_ah, stride_aq, stride_ak,  # P (B, H, T, T); not read when FROM_QK
+    q_ptr, stride_qb, stride_qh, stride_qt, stride_qd,  # q, k (B, H, T, D_QK): FROM_QK only
+    k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
+    lse_ptr, stride_eb, stride_eh, stride_et,  # (B, H, T) float32 per-query log-sum-exp: FROM_QK only
+    logs_ptr, stride_lb, stride_lt,  # log_size (B, T): FROM_QK with HAS_LOG_SIZE only
+    scale,
     v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
     dest_ptr, stride_db, stride_dt,
     order_ptr, starts_ptr,  # slot index of dest: contiguous (B, T) and (B, T'+1) int64
@@ -45,15 +54,19 @@ def _fused_attention_output_kernel(
     smax_ptr,  # (B,) float32, mode 1 with sizes only
     out_ptr, stride_ob, stride_oh, stride_ot,  # out's channel stride is 1
     den_ptr,  # (B, T') float32: slot sums of the pooling weights
-    H, T, T_out, D,
+    H, T, T_out, D, D_QK,
     MODE: tl.constexpr,  # 0 size, 1 attention*size, 3 mean (max does not factor)
     HAS_SIZE: tl.constexpr,
+    FROM_QK: tl.constexpr,  # recompute P tiles from q, k, lse instead of loading P
+    HAS_LOG_SIZE: tl.constexpr,
+    QK_PRECISION: tl.constexpr,  # as PV_PRECISION, for q @ k^T (FROM_QK)
     PV_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 P @ V (as torch's matmul setting)
     ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 V (gradcheck)
     BLOCK_S: tl.constexpr,  # output slots per program
     BLOCK_M: tl.constexpr,  # member queries per step
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr,
+    BLOCK_DK: tl.constexpr,  # q, k head dim block (FROM_QK)
 ):
     # One program owns BLOCK_S consecutive slots of one (b, h). Their member
     # queries are a contiguous run of the slot index, walked BLOCK_M at a time:
@@ -74,6 +87,11 @@ def _fused_attention_output_kernel(
     p_row = attn_ptr + b * stride_ab + h * stride_ah
     v_row = v_ptr + b * stride_vb + h * stride_vh
     d_row = dest_ptr + b * stride_db
+    offs_dk = tl.arange(0, BLOCK_DK)
+    mask_dk = offs_dk < D_QK
+    q_row = q_ptr + b * stride_qb + h * stride_qh
+    k_row = k_ptr + b * stride_kb + h * stride_kh
+    logs_row = logs_ptr + b * stride_lb
 
     acc = tl.zeros([BLOCK_S, BLOCK_D], ACC_DTYPE)
     den = tl.zeros([BLOCK_S], ACC_DTYPE)
@@ -99,12 +117,22 @@ def _fused_attention_output_kernel(
             w = tl.full([BLOCK_M], 1.0, tl.float32)
         w = tl.where(mask_m, w, 0.0).to(ACC_DTYPE)
 
+        if FROM_QK:  # this step's queries, scaled, and their log-sum-exps
+            qs = scaled_queries(q_row, q, mask_m, stride_qt, stride_qd, offs_dk, mask_dk, scale)
+            lse = tl.load(lse_ptr + b * stride_eb + h * stride_eh + q * stride_et, mask=mask_m, other=0.0)
+
         o = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
         for k0 in range(0, T, BLOCK_N):
             offs_k = k0 + tl.arange(0, BLOCK_N)
             mask_k = offs_k < T
-            p = tl.load(p_row + q[:, None] * stride_aq + offs_k[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if FROM_QK:  # P tile = exp(s - lse); keys past T have s = -inf
+                kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_dk, mask_dk)
+                logits = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE),
+                                     QK_PRECISION)
+                p = tl.where(mask_m[:, None], tl.exp(logits - lse.to(tl.float32)[:, None]), 0.0)
+            else:
+                p = tl.load(p_row + q[:, None] * stride_aq + offs_k[None, :] * stride_ak,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             kd = tl.load(d_row + offs_k * stride_dt, mask=mask_k, other=0).to(tl.int64)
             vt = tl.load(v_row + kd[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                          mask=mask_k[:, None] & mask_d[None, :], other=0.0)

@@ -1,6 +1,9 @@
 """Triton launchers of ``attention_received`` and ``fused_attention_output``; their
 eager references are in ``mctf_kernels.attention``.
 
+``launch_fused_output`` also serves the flash-style ``fused_attention_output_qk``
+(``flash_attention.py``), which recomputes P from q and k in the same kernel.
+
 Both ops are ``mctf::`` custom ops (``torch.library.triton_op``) with an eager
 backward, so a fine-tuned model can train through them and torch.compile sees
 the kernels.
@@ -57,19 +60,24 @@ def _pv_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _fused_impl(
-    attn: torch.Tensor,
+def launch_fused_output(
     v: torch.Tensor,
     dest: torch.Tensor,
     t_out: int,
     size: Optional[torch.Tensor],
     attn_received: Optional[torch.Tensor],
     mode: int,
+    *,
+    attn: Optional[torch.Tensor] = None,
+    qk: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], float]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    attn, v = last_dim_unit(attn), last_dim_unit(v)
-    B, H, T, _ = attn.shape
-    D = v.shape[-1]
-    device = attn.device
+    """One launch of ``_fused_attention_output_kernel``: P' @ V' (B, H, T', D) and the
+    slot sums of the pooling weights den (B, T'), P read from ``attn`` (B, H, T, T) or
+    recomputed from ``qk = (q, k, lse, log_size, scale)`` (flash-style, FROM_QK)."""
+    v = last_dim_unit(v)
+    B, H, _, D = v.shape
+    T = dest.shape[1]
+    device = v.device
     order, starts = slot_index(dest, t_out)
     out = torch.empty(B, H, t_out, D, device=device, dtype=v.dtype)
     den = torch.empty(B, t_out, device=device, dtype=torch.float32)
@@ -82,16 +90,34 @@ def _fused_impl(
         am_arg, sm = den, (0, 0)
     smax = size.float().amax(dim=1) if has_size and mode == 1 else den
 
+    from_qk = qk is not None
+    if from_qk:
+        q, k, lse, log_size, scale = qk
+        q, k = last_dim_unit(q), last_dim_unit(k)
+        D_QK = q.shape[-1]
+        attn_arg, sa = den, (0, 0, 0, 0)
+        has_log_size = log_size is not None
+        logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (den, (0, 0))
+        q_args = (q, *q.stride(), k, *k.stride(), lse, *lse.stride(), logs_arg, *sl, float(scale))
+        qk_precision = _pv_precision(q.dtype)
+    else:
+        attn = last_dim_unit(attn)
+        D_QK, has_log_size, qk_precision = 16, False, "ieee"
+        attn_arg, sa = attn, attn.stride()
+        q_args = (den, 0, 0, 0, 0, den, 0, 0, 0, 0, den, 0, 0, 0, den, 0, 0, 1.0)
+
     BLOCK_D = block_size(D, 256)
+    BLOCK_DK = block_size(D_QK, 256) if from_qk else 16
     if interpreting():
         BLOCK_S, BLOCK_M, BLOCK_N = 64, 128, 128
     else:
         # ~1 member step per program at MCTF's merge ratios (T'/T ~ 0.9).
         BLOCK_S, BLOCK_M = 32, 64
-        BLOCK_N = 64 if BLOCK_D <= 64 else 32
+        BLOCK_N = 64 if max(BLOCK_D, BLOCK_DK) <= 64 else 32
     grid = (B * H, triton.cdiv(t_out, BLOCK_S))
     wrap(_fused_attention_output_kernel)[grid](
-        attn, *attn.stride(),
+        attn_arg, *sa,
+        *q_args,
         v, *v.stride(),
         dest, *dest.stride(),
         order, starts,
@@ -100,13 +126,26 @@ def _fused_impl(
         smax,
         out, *out.stride()[:3],
         den,
-        H, T, t_out, D,
-        MODE=mode, HAS_SIZE=has_size, PV_PRECISION=_pv_precision(v.dtype),
+        H, T, t_out, D, D_QK,
+        MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=has_log_size,
+        QK_PRECISION=qk_precision, PV_PRECISION=_pv_precision(v.dtype),
         ACC_DTYPE=tl.float64 if v.dtype == torch.float64 else tl.float32,
-        BLOCK_S=BLOCK_S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_D <= 64 else 8,
+        BLOCK_S=BLOCK_S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DK=BLOCK_DK,
+        num_warps=4 if max(BLOCK_D, BLOCK_DK) <= 64 else 8,
     )
     return out, den
+
+
+def _fused_impl(
+    attn: torch.Tensor,
+    v: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return launch_fused_output(v, dest, t_out, size, attn_received, mode, attn=attn)
 
 
 def fused_attention_output_backward(
