@@ -84,7 +84,7 @@ def test_model_with_triton_backend_launches_kernels(device, monkeypatch):
     images = torch.randn(1, 3, *model.patch_embed.img_size, device=device)
     run(model, images, "triton")
     fused_layers = len(model.blocks) - 1
-    for op in ("attention_received", "match", "merge", "fused_attention_output"):
+    for op in ("fusion_attention", "match", "merge", "fused_attention_output_qk"):
         assert calls.count(op) == fused_layers, op
 
 

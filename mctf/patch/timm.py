@@ -73,12 +73,13 @@ def _log_size_bias(size: Optional[torch.Tensor], dtype: torch.dtype) -> Optional
     return None if size is None else size.log().to(dtype)[:, None, None, :]
 
 
+def _log_size(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if size is None else size.log()
+
+
 def _softmax_probs(attn: TimmAttention, q, k, size: Optional[torch.Tensor]) -> torch.Tensor:
     """Explicit softmax(q k^T * scale [+ log s]) (B, H, T, T)."""
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    if size is not None:
-        logits = logits + _log_size_bias(size, logits.dtype)
-    return logits.softmax(dim=-1)
+    return mk.attention_logits_reference(q, k, attn.scale, _log_size(size)).softmax(dim=-1)
 
 
 def _attention(attn: TimmAttention, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
@@ -103,12 +104,11 @@ class MCTFBlock(TimmBlock):
     _mctf_index: int
     _mctf_state: MCTFState
 
-    def _fuse(self, x: torch.Tensor, attn_probs: torch.Tensor, r: int, state: MCTFState):
-        """Match and merge x with the criteria from ``attn_probs``; updates the state."""
+    def _fuse(self, x: torch.Tensor, attn_received: torch.Tensor, r: int, state: MCTFState):
+        """Match and merge x using the attention each token received; updates the state."""
         cfg = state.config
         T = x.shape[1]
         t_out = T - r
-        attn_received = mk.attention_received(attn_probs.detach())
         dest = mk.match(
             x.detach(), r, attn_received, state.size,
             tau_sim=cfg.tau_sim, tau_info=cfg.tau_info, tau_size=cfg.tau_size,
@@ -137,17 +137,25 @@ class MCTFBlock(TimmBlock):
 
         if r > 0 and cfg.one_step_ahead == 1:
             # fuse with this layer's attention, then reuse it merged: P' @ V(LN1(x'))
-            probs = _softmax_probs(self.attn, *_queries_keys(self.attn, self.norm1(x)), size)
-            x, dest, old_size, attn_received = self._fuse(x, probs, r, state)
-            v = _values(self.attn, self.norm1(x))
-            heads = mk.fused_attention_output(
-                self.attn.attn_drop(probs), v, dest, x.shape[1], old_size, attn_received, mode=cfg.pooling,
-            )
+            q, k = _queries_keys(self.attn, self.norm1(x))
+            if self.training and self.attn.attn_drop.p > 0:  # dropout needs P formed
+                probs = self.attn.attn_drop(_softmax_probs(self.attn, q, k, size))
+                x, dest, old_size, received = self._fuse(x, mk.attention_received(probs.detach()), r, state)
+                heads = mk.fused_attention_output(
+                    probs, _values(self.attn, self.norm1(x)), dest, x.shape[1], old_size, received, mode=cfg.pooling,
+                )
+            else:
+                att = mk.fusion_attention(q, k, scale=self.attn.scale, log_size=_log_size(size), mode=cfg.pooling)
+                x, dest, old_size, _ = self._fuse(x, att.received, r, state)
+                heads = mk.fused_attention_output_from(
+                    att, _values(self.attn, self.norm1(x)), dest, x.shape[1], old_size, mode=cfg.pooling,
+                )
             x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
         elif r > 0 and cfg.one_step_ahead == 2:
             with torch.no_grad():  # "precise": this attention only picks the tokens
-                probs = _softmax_probs(self.attn, *_queries_keys(self.attn, self.norm1(x)), size)
-            x, *_ = self._fuse(x, probs, r, state)
+                q, k = _queries_keys(self.attn, self.norm1(x))
+                att = mk.fusion_attention(q, k, scale=self.attn.scale, log_size=_log_size(size))
+            x, *_ = self._fuse(x, att.received, r, state)
             size = state.size if cfg.prop_attn else None
             x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
         elif r > 0:  # one_step_ahead == 0: normal block, fuse its output with its attention
@@ -159,7 +167,7 @@ class MCTFBlock(TimmBlock):
             x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if r > 0 and cfg.one_step_ahead == 0:
-            x, *_ = self._fuse(x, probs, r, state)
+            x, *_ = self._fuse(x, mk.attention_received(probs.detach()), r, state)
         state.tokens_per_block.append(x.shape[1])
         return x
 
