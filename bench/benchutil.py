@@ -6,13 +6,19 @@ import os
 
 import torch
 
-from mctf.bench_cli import device_name  # noqa: F401  (one definition, shared with mctf-bench)
-
 SMOKE_ENV = "MCTF_BENCH_SMOKE"
 
 
 def smoke_enabled(config) -> bool:
     return bool(config.getoption("--cpu-smoke")) or os.environ.get(SMOKE_ENV, "0") not in ("", "0")
+
+
+def device_name(device: torch.device) -> str:
+    # imported here, not at the top: conftest imports this module before it switches
+    # the Triton interpreter on, and importing the model layer that early defeats it
+    from mctf.bench_cli import device_name as name
+
+    return name(device)
 
 
 def sync(device: torch.device) -> None:

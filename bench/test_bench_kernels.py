@@ -42,6 +42,10 @@ BYTES_FORMULA = {
     "attention_received": "B*H*T*T*e (attn) + B*T*4 (attn_received)",
     "fused_attention_output": "B*H*T*T*e (attn) + B*H*T'*D*e (v') + B*T*(8+4+4) (dest, size, attn_received) "
                               "+ B*H*T'*D*e (output)",
+    # flash-style path: P is recomputed from q, k and never stored
+    "fusion_attention": "2*B*H*T*D*e (q, k) + B*T*4 (log_size) + B*H*T*4 (lse) + B*T*4 (received)",
+    "fused_attention_output_qk": "2*B*H*T*D*e (q, k) + B*H*T*4 (lse) + B*H*T'*D*e (v') "
+                                 "+ B*T*(8+4+4) (dest, size, attn_received) + B*H*T'*D*e (output)",
 }
 
 
@@ -55,6 +59,10 @@ def bytes_moved(op: str, B: int, T: int, C: int, H: int, t_out: int, e: int) -> 
         return B * H * T * T * e + B * T * 4
     if op == "fused_attention_output":
         return B * H * T * T * e + 2 * B * H * t_out * D * e + B * T * (8 + 4 + 4)
+    if op == "fusion_attention":
+        return 2 * B * H * T * D * e + B * T * 4 + B * H * T * 4 + B * T * 4
+    if op == "fused_attention_output_qk":
+        return 2 * B * H * T * D * e + B * H * T * 4 + 2 * B * H * t_out * D * e + B * T * (8 + 4 + 4)
     raise ValueError(op)
 
 
@@ -64,6 +72,10 @@ def flops(op: str, B: int, T: int, C: int, H: int, t_out: int) -> int:
         return 2 * B * ((T + 1) // 2) * (T // 2) * C
     if op == "fused_attention_output":  # P @ V'[dest]
         return 2 * B * H * T * T * (C // H)
+    if op == "fusion_attention":  # q k^T twice (log-sum-exp pass, column-sum pass)
+        return 2 * 2 * B * H * T * T * (C // H)
+    if op == "fused_attention_output_qk":  # q k^T, then P @ V'[dest]
+        return 2 * 2 * B * H * T * T * (C // H)
     return 0
 
 
@@ -95,8 +107,19 @@ def make_inputs(shape_name: str, dtype_name: str, device_str: str) -> dict:
     with torch.no_grad():
         dest = mk.match_reference(x, r, attn_received, size)
     v = torch.randn(B, H, t_out, C // H, device=device, generator=g).to(dtype)
+    # queries and keys as the model passes them: strided views of one qkv projection
+    qkv = torch.randn(B, T, 3, H, C // H, device=device, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    log_size = size.log()
+    scale = (C // H) ** -0.5
+    with torch.no_grad():
+        ref_att = mk.fusion_attention_reference(q, k, scale=scale, log_size=log_size)
+        lse = torch.logsumexp(mk.attention_logits_reference(q, k, scale, log_size).float(), dim=-1)
+    att_qk = mk.FusionAttention(received=ref_att.received, q=q, k=k, lse=lse, log_size=log_size, scale=scale)
+    del ref_att
     return dict(B=B, T=T, C=C, H=H, r=r, t_out=t_out, x=x, attn=attn, size=size,
-                attn_received=attn_received, dest=dest, v=v)
+                attn_received=attn_received, dest=dest, v=v, q=q, k=k, log_size=log_size, scale=scale,
+                att_qk=att_qk, lse=lse)
 
 
 def op_call(op: str, i: dict):
@@ -111,10 +134,21 @@ def op_call(op: str, i: dict):
     if op == "fused_attention_output":
         return (mk.fused_attention_output, mk.fused_attention_output_reference,
                 (i["attn"], i["v"], i["dest"], i["t_out"], i["size"], i["attn_received"]), dict(mode=1))
+    if op == "fusion_attention":
+        return (mk.fusion_attention, mk.fusion_attention_reference, (i["q"], i["k"]),
+                dict(scale=i["scale"], log_size=i["log_size"]))
+    if op == "fused_attention_output_qk":
+        att = i["att_qk"]
+        return (lambda *a, **k: mk.fused_attention_output_from(att, *a, **k),
+                lambda *a, **k: mk.fused_attention_output_qk_reference(
+                    att.q, att.k, att.lse, att.log_size, att.scale, *a, att.received, **k),
+                (i["v"], i["dest"], i["t_out"], i["size"]), dict(mode=1))
     raise ValueError(op)
 
 
 def _first(out):
+    if isinstance(out, mk.FusionAttention):
+        return out.received
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -199,3 +233,14 @@ def test_attention_received(benchmark, shape_name, dtype_name, provider, bench_d
 @pytest.mark.bench
 def test_fused_attention_output(benchmark, shape_name, dtype_name, provider, bench_device, copy_bandwidth, smoke):
     run_op("fused_attention_output", benchmark, shape_name, dtype_name, provider, bench_device, copy_bandwidth, smoke)
+
+
+@pytest.mark.bench
+def test_fusion_attention(benchmark, shape_name, dtype_name, provider, bench_device, copy_bandwidth, smoke):
+    run_op("fusion_attention", benchmark, shape_name, dtype_name, provider, bench_device, copy_bandwidth, smoke)
+
+
+@pytest.mark.bench
+def test_fused_attention_output_qk(benchmark, shape_name, dtype_name, provider, bench_device, copy_bandwidth, smoke):
+    run_op("fused_attention_output_qk", benchmark, shape_name, dtype_name, provider, bench_device,
+           copy_bandwidth, smoke)
