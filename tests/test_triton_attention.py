@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mctf_kernels as mk
+from slot_maps import make_dest
 from mctf_kernels import ops
 from mctf_kernels.merge import pooling_weights, segment_sum
 
@@ -25,22 +26,6 @@ MAPS = ("bi-1", "uni-0", "bi-2", "random")
 # off; fp16/bf16 are dominated by rounding P to V's dtype and the output
 # (2^-11, 2^-8 relative), and the eager reference also rounds P @ V'[dest].
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def make_dest(kind, B, T, device):
-    if kind == "random":
-        t_out = max(1, (2 * T) // 3)
-        rows = []
-        for _ in range(B):
-            slots = torch.cat([torch.randperm(t_out), torch.randint(0, t_out, (T - t_out,))])
-            rows.append(slots[torch.randperm(T)])
-        return torch.stack(rows).to(device), t_out
-    bidirectional, num_protected = kind.split("-")
-    num_protected = int(num_protected)
-    r = (T - num_protected) // 3 if T > 5 else (T - num_protected) // 2
-    dest = mk.match_reference(torch.randn(B, T, 32, device=device), r, torch.rand(B, T, device=device), None,
-                              num_protected=num_protected, bidirectional=bidirectional == "bi")
-    return dest, T - r
 
 
 def make_attn(B, T, dtype, device):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mctf_kernels as mk
+from slot_maps import make_dest
 from mctf_kernels import ops
 from mctf_kernels.triton import LAUNCHERS
 
@@ -53,22 +54,6 @@ def truth_logits(q, k, scale, log_size):
     """float64 logits from the operands the kernels use: q * scale rounded to q's dtype, k."""
     logits = (q * scale).double() @ k.double().transpose(-1, -2)
     return logits if log_size is None else logits + log_size.double()[:, None, None, :]
-
-
-def make_dest(kind, B, T, device):
-    if kind == "random":
-        t_out = max(1, (2 * T) // 3)
-        rows = []
-        for _ in range(B):
-            slots = torch.cat([torch.randperm(t_out), torch.randint(0, t_out, (T - t_out,))])
-            rows.append(slots[torch.randperm(T)])
-        return torch.stack(rows).to(device), t_out
-    bidirectional, num_protected = kind.split("-")
-    num_protected = int(num_protected)
-    r = (T - num_protected) // 3 if T > 5 else (T - num_protected) // 2
-    dest = mk.match_reference(torch.randn(B, T, 32, device=device), r, torch.rand(B, T, device=device), None,
-                              num_protected=num_protected, bidirectional=bidirectional == "bi")
-    return dest, T - r
 
 
 # ---------------------------------------------------------------- fusion_attention

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mctf_kernels as mk
+from slot_maps import make_dest
 from mctf_kernels import ops
 from mctf_kernels.merge import pooling_weights, segment_sum
 
@@ -28,25 +29,6 @@ MAPS = ("bi-1", "uni-0", "bi-2", "random")
 # fp32: a few-term fp32 sum is ~1e-7 off; a wrong weight moves results by ~0.1.
 # fp16/bf16: one rounding of the output (half an ulp: 2^-11, 2^-8) dominates.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-6}
-
-
-def make_dest(kind: str, B: int, T: int, device) -> tuple:
-    """A slot map (B, T) and T'. Every slot gets at least one token."""
-    if kind == "random":
-        t_out = max(1, (2 * T) // 3)
-        # Surjective: a permutation of all slots, then random slots, shuffled.
-        rows = []
-        for _ in range(B):
-            slots = torch.cat([torch.randperm(t_out), torch.randint(0, t_out, (T - t_out,))])
-            rows.append(slots[torch.randperm(T)])
-        return torch.stack(rows).to(device), t_out
-    bidirectional, num_protected = kind.split("-")
-    num_protected = int(num_protected)
-    r = (T - num_protected) // 3 if T > 5 else (T - num_protected) // 2
-    feats = torch.randn(B, T, 32, device=device)
-    dest = mk.match_reference(feats, r, torch.rand(B, T, device=device), None,
-                              num_protected=num_protected, bidirectional=bidirectional == "bi")
-    return dest, T - r
 
 
 def truth(x, dest, t_out, size, attn_received, mode):
