@@ -203,7 +203,7 @@ def build_dataset(path: str, transform):
                          f"{path}/<class>/<image>, as ImageNet val)")
     try:
         dataset = ImageFolder(path, transform=transform)
-    except FileNotFoundError as exc:  # class folders hold no image files
+    except FileNotFoundError:  # class folders hold no image files
         raise UsageError(f"--data-path: no images found under {path} ({len(classes)} class folders, e.g. "
                          f"{classes[0]!r}; extensions {', '.join(IMG_EXTENSIONS)})") from None
     return dataset

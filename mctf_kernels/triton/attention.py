@@ -222,6 +222,25 @@ else:  # torch < 2.6: direct launches behind autograd.Functions
     fused_op = _FusedFunction.apply
 
 
+def check_output_args(op: str, bht, v, dest, t_out, size, attn_received, mode, device) -> None:
+    """Arguments shared by the two P' @ V' launchers (from P, or from q and k)."""
+    B, H, T = bht
+    if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
+        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"v is on {v.device} but the attention inputs are on {device}")
+    check_dest(dest, B, T, t_out, device)
+    if mode == 2:
+        raise ValueError(f"{op} has no kernel for max pooling (mode 2): P' does not factor")
+    if mode not in (0, 1, 3):
+        raise ValueError(f"pooling mode must be one of (0, 1, 3) here, got {mode!r}")
+    if mode == 1 and attn_received is None:
+        raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
+    for name, t in (("size", size), ("attn_received", attn_received)):
+        if t is not None and (tuple(t.shape) != (B, T) or t.device != device):
+            raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {device}")
+
+
 def attention_received(attn: torch.Tensor) -> torch.Tensor:
     """Triton ``attention_received``: (B, H, T, T) -> (B, T) float32."""
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
@@ -242,20 +261,7 @@ def fused_attention_output(
     """Triton ``fused_attention_output``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3."""
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attn must have shape (B, H, T, T), got {tuple(attn.shape)}")
-    B, H, T, _ = attn.shape
-    if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
-        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
-    check_dest(dest, B, T, t_out, attn.device)
-    if mode == 2:
-        raise ValueError("fused_attention_output has no kernel for max pooling (mode 2): P' does not factor")
-    if mode not in (0, 1, 3):
-        raise ValueError(f"pooling mode must be one of (0, 1, 3) here, got {mode!r}")
-    if mode == 1 and attn_received is None:
-        raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
-    for name, t in (("size", size), ("attn_received", attn_received)):
-        if t is not None and (tuple(t.shape) != (B, T) or t.device != attn.device):
-            raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {attn.device}")
-    if v.device != attn.device:
-        raise ValueError(f"v is on {v.device} but attn is on {attn.device}")
+    check_output_args("fused_attention_output", attn.shape[:3], v, dest, t_out, size, attn_received, mode,
+                      attn.device)
     out, _den = fused_op(attn, v, dest, t_out, size, attn_received, mode)
     return out

@@ -35,7 +35,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .._checks import check_dest
 from ..attention import (  # noqa: F401  (the references beside their launchers)
     FusionAttention,
     attention_logits_reference,
@@ -43,7 +42,7 @@ from ..attention import (  # noqa: F401  (the references beside their launchers)
     fusion_attention_reference,
 )
 from ._flash_attention_kernel import _attention_lse_kernel, _attention_received_qk_kernel
-from .attention import _pv_precision, fused_attention_output_backward, launch_fused_output
+from .attention import _pv_precision, check_output_args, fused_attention_output_backward, launch_fused_output
 from .merge import HAS_TRITON_OP, block_size, interpreting, last_dim_unit, wrap
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -201,20 +200,7 @@ def fused_attention_output_qk(
     recomputing P from q, k (and ``lse``; computed here when None)."""
     _check_qk(q, k, log_size)
     B, H, T, _ = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
-        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
-    if v.device != q.device:
-        raise ValueError(f"v is on {v.device} but q is on {q.device}")
-    check_dest(dest, B, T, t_out, q.device)
-    if mode == 2:
-        raise ValueError("fused_attention_output_qk has no kernel for max pooling (mode 2): P' does not factor")
-    if mode not in (0, 1, 3):
-        raise ValueError(f"pooling mode must be one of (0, 1, 3) here, got {mode!r}")
-    if mode == 1 and attn_received is None:
-        raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
-    for name, t in (("size", size), ("attn_received", attn_received)):
-        if t is not None and (tuple(t.shape) != (B, T) or t.device != q.device):
-            raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {q.device}")
+    check_output_args("fused_attention_output_qk", (B, H, T), v, dest, t_out, size, attn_received, mode, q.device)
     if lse is not None and (tuple(lse.shape) != (B, H, T) or lse.dtype != torch.float32 or lse.device != q.device):
         raise ValueError(f"lse must be float32 of shape (B, H, T) = ({B}, {H}, {T}) on {q.device}")
     detach = (lambda t: None if t is None else t.detach())
