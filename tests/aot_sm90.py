@@ -1,0 +1,123 @@
+"""Compile every Triton kernel for an H100 (sm_90) ahead of time, without a GPU.
+
+The interpreter runs kernels as numpy and so misses errors that only the real
+compiler sees (non-constexpr globals, shapes that do not broadcast in codegen,
+register-hungry tiles). This script, run by tests/test_kernels_compile_sm90.py
+in a process without TRITON_INTERPRET, compiles the kernels with the block
+configs the launchers pick on a GPU, for each dtype and code-path option.
+Exit 0: all compiled; 3: no CUDA compiler toolchain in this Triton install.
+"""
+import itertools
+import os
+import sys
+import time
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from mctf_kernels.triton import _attention_kernel as AK  # noqa: E402
+from mctf_kernels.triton import _flash_attention_kernel as FK  # noqa: E402
+from mctf_kernels.triton import _match_kernel as MK  # noqa: E402
+from mctf_kernels.triton import _merge_kernel as GK  # noqa: E402
+from mctf_kernels.triton.flash_attention import _qk_blocks  # noqa: E402
+from mctf_kernels.triton.match import _blocks  # noqa: E402
+from mctf_kernels.triton.merge import block_size, warps_for  # noqa: E402
+
+try:
+    from triton.backends.compiler import GPUTarget
+except ImportError:  # pragma: no cover
+    sys.exit(3)
+
+TARGET = GPUTarget("cuda", 90, 64)
+FLOAT_SCALARS = {"scale", "e_sim", "e_info", "e_size"}
+INT32_POINTERS = {"node_idx_ptr", "rank_a_ptr", "node_idx2_ptr"}
+INT64_POINTERS = {"dest_ptr", "order_ptr", "starts_ptr"}
+
+
+def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4):
+    """Kernel arguments by the kernels' naming convention: ``*_ptr`` pointers (the
+    ``data_pointers`` in ``dtype``), the temperatures/scale fp32, every other scalar i32."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            kind = "i32" if name in INT32_POINTERS else "i64" if name in INT64_POINTERS else (
+                dtype if name in data_pointers else "fp32")
+            signature[name] = "*" + kind
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    assert compiled.asm["cubin"], fn.__name__
+
+
+def main() -> int:
+    start, count = time.time(), 0
+    dtypes = ("fp32", "fp16", "bf16")
+    # score-and-match, at DeiT-S and ViT-H/14 shapes; the preset's temperatures
+    # (1, 20, 40) and others reaching every pow path
+    pow_modes = [(MK.POW_ONE, MK.POW_GENERAL, MK.POW_GENERAL), (MK.POW_SQRT, MK.POW_OFF, MK.POW_SQUARE),
+                 (MK.POW_CUBE, MK.POW_GENERAL, MK.POW_OFF), (MK.POW_OFF, MK.POW_OFF, MK.POW_OFF)]
+    for (T, C), dtype in itertools.product(((197, 384), (1370, 1280)), dtypes):
+        t1, t2 = (T + 1) // 2, T // 2
+        blk = _blocks(False, t1, t2, C, T)
+        compile_kernel(MK._token_stats_kernel, dict(HAS_INFO=True, HAS_SIZE=True, BLOCK_T=blk["BLOCK_A"],
+                       BLOCK_C=blk["BLOCK_C"], BLOCK_R=blk["BLOCK_R"]), dtype, ("x_ptr",))
+        count += 1
+        # the preset's pow paths everywhere; the others (and no prefix token) once, in fp16 at DeiT-S
+        variants = [(pow_modes[0], True)] + ([(m, p) for m in pow_modes for p in (False, True)][1:]
+                                             if (T, dtype) == (197, "fp16") else [])
+        for (sim, info, size), prot in variants:
+            common = dict(SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, USE_LIBDEVICE=True,
+                          BLOCK_A=blk["BLOCK_A"], BLOCK_B=blk["BLOCK_B"], BLOCK_C=blk["BLOCK_C"])
+            compile_kernel(MK._row_max_kernel, common, dtype, ("x_ptr",))
+            compile_kernel(MK._col_max_kernel, common, dtype, ("x_ptr",))
+            count += 2
+        compile_kernel(MK._rank_kernel, dict(BLOCK=blk["BLOCK_A"], BLOCK_J=blk["BLOCK_J"]))
+        count += 1
+        for bidir, prot, remap in ((True, True, False), (False, False, False), (True, True, True)):
+            compile_kernel(MK._assign_kernel, dict(BIDIR=bidir, HAS_PROT=prot, REMAP=remap, BLOCK_T=blk["BLOCK_A"],
+                                                   BLOCK_J=blk["BLOCK_J"], BLOCK_P=16))
+            count += 1
+    # merge: token features (C = 384, 1280) and per-head rows; with and without sources
+    for dtype, mode, has_size, has_source, C in itertools.product(dtypes, (0, 1, 2, 3), (False, True),
+                                                                 (False, True), (384, 1280)):
+        block_c, block_n = block_size(C, 256), block_size(197, 256) if has_source else 16
+        compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
+                                              ACC_DTYPE=tl.float32, BLOCK_C=block_c, BLOCK_N=block_n),
+                       dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps_for(max(block_c, block_n)))
+        count += 1
+    # attention: received from P, the flash-style pair, and P' @ V' from P or from q, k
+    for dtype, D in itertools.product(dtypes, (48, 64, 128)):
+        compile_kernel(AK._attention_received_kernel, dict(BLOCK_Q=32, BLOCK_K=64), dtype, ("attn_ptr",))
+        block_m, block_n, block_d, warps = _qk_blocks(D)
+        precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+        for precision, has_log in itertools.product(precisions, (False, True)):
+            consts = dict(HAS_LOG_SIZE=has_log, QK_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                          BLOCK_D=block_d)
+            compile_kernel(FK._attention_lse_kernel, consts, dtype, ("q_ptr", "k_ptr"), warps)
+            compile_kernel(FK._attention_received_qk_kernel, consts, dtype, ("q_ptr", "k_ptr"), warps)
+            count += 2
+        block_d = block_size(D, 256)
+        # the model's path (from q, k; attention-and-size pooling) everywhere, every option once
+        options = [(True, 1, True)] + ([o for o in itertools.product((False, True), (0, 1, 3), (False, True))
+                                        if o != (True, 1, True)] if (dtype, D) == ("fp16", 64) else [])
+        for from_qk, mode, has_size in options:
+            block_dk = block_d if from_qk else 16
+            consts = dict(MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=from_qk,
+                          QK_PRECISION="ieee", PV_PRECISION="ieee", ACC_DTYPE=tl.float32, BLOCK_S=32, BLOCK_M=64,
+                          BLOCK_N=64 if max(block_d, block_dk) <= 64 else 32, BLOCK_D=block_d, BLOCK_DK=block_dk)
+            compile_kernel(AK._fused_attention_output_kernel, consts, dtype,
+                           ("q_ptr", "k_ptr", "v_ptr", "out_ptr") + (() if from_qk else ("attn_ptr",)),
+                           4 if max(block_d, block_dk) <= 64 else 8)
+            count += 1
+        count += 1
+    print(f"compiled {count} kernel variants for sm_90 in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
