@@ -23,7 +23,7 @@ from mctf_kernels.triton import _match_kernel as MK  # noqa: E402
 from mctf_kernels.triton import _merge_kernel as GK  # noqa: E402
 from mctf_kernels.triton.flash_attention import _qk_blocks  # noqa: E402
 from mctf_kernels.triton.match import _blocks  # noqa: E402
-from mctf_kernels.triton.merge import block_size, warps_for  # noqa: E402
+from mctf_kernels.triton._common import block_size, warps_for  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget

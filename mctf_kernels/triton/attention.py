@@ -20,7 +20,8 @@ from .._checks import check_dest
 from ..attention import attention_received_reference, fused_attention_output_reference  # noqa: F401
 from ..merge import pooling_weights
 from ._attention_kernel import _attention_received_kernel, _fused_attention_output_kernel
-from .merge import HAS_TRITON_OP, block_size, interpreting, last_dim_unit, slot_index, wrap
+from ._common import block_size, custom_op, interpreting, last_dim_unit, wrap
+from .merge import slot_index
 
 
 # ---------------------------------------------------------------- attention_received
@@ -193,33 +194,9 @@ def _fused_backward(ctx, grad_out, _grad_den):
     return grad_attn, grad_v, None, None, None, None, None
 
 
-if HAS_TRITON_OP:
-    attention_received_op = torch.library.triton_op("mctf::attention_received", _attention_received_impl, mutates_args=())
-    attention_received_op.register_autograd(_attention_received_backward, setup_context=_attention_received_setup)
-    fused_op = torch.library.triton_op("mctf::fused_attention_output", _fused_impl, mutates_args=())
-    fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
-else:  # torch < 2.6: direct launches behind autograd.Functions
-    class _AttentionReceivedFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, attn):
-            out = _attention_received_impl(attn)
-            _attention_received_setup(ctx, (attn,), out)
-            return out
-
-        backward = staticmethod(_attention_received_backward)
-
-    class _FusedFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = _fused_impl(*inputs)
-            _fused_setup(ctx, inputs, output)
-            ctx.mark_non_differentiable(output[1])
-            return output
-
-        backward = staticmethod(_fused_backward)
-
-    attention_received_op = _AttentionReceivedFunction.apply
-    fused_op = _FusedFunction.apply
+attention_received_op = custom_op("attention_received", _attention_received_impl,
+                                  _attention_received_backward, _attention_received_setup)
+fused_op = custom_op("fused_attention_output", _fused_impl, _fused_backward, _fused_setup)
 
 
 def check_output_args(op: str, bht, v, dest, t_out, size, attn_received, mode, device) -> None:

@@ -43,7 +43,7 @@ from ..attention import (  # noqa: F401  (the references beside their launchers)
 )
 from ._flash_attention_kernel import _attention_lse_kernel, _attention_received_qk_kernel
 from .attention import _pv_precision, check_output_args, fused_attention_output_backward, launch_fused_output
-from .merge import HAS_TRITON_OP, block_size, interpreting, last_dim_unit, wrap
+from ._common import block_size, custom_op, interpreting, last_dim_unit, wrap
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -139,23 +139,8 @@ def _fused_qk_backward(ctx, grad_out, _grad_den):
     return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None, grad_v, None, None, None, None, None
 
 
-if HAS_TRITON_OP:
-    fusion_attention_op = torch.library.triton_op("mctf::fusion_attention", _fusion_attention_impl, mutates_args=())
-    fused_qk_op = torch.library.triton_op("mctf::fused_attention_output_qk", _fused_qk_impl, mutates_args=())
-    fused_qk_op.register_autograd(_fused_qk_backward, setup_context=_fused_qk_setup)
-else:  # torch < 2.6: direct launches, the differentiable one behind an autograd.Function
-    class _FusedQKFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = _fused_qk_impl(*inputs)
-            _fused_qk_setup(ctx, inputs, output)
-            ctx.mark_non_differentiable(output[1])
-            return output
-
-        backward = staticmethod(_fused_qk_backward)
-
-    fusion_attention_op = _fusion_attention_impl
-    fused_qk_op = _FusedQKFunction.apply
+fusion_attention_op = custom_op("fusion_attention", _fusion_attention_impl)
+fused_qk_op = custom_op("fused_attention_output_qk", _fused_qk_impl, _fused_qk_backward, _fused_qk_setup)
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, log_size: Optional[torch.Tensor]) -> None:

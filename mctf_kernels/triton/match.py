@@ -20,6 +20,7 @@ from ..match import _check_r
 from ..schedule import split_directions
 from . import LAUNCHERS
 from . import _match_kernel as K
+from ._common import custom_op, wrap
 
 # Ranks, positions and slots are int32 inside the kernels; 2**16 tokens keeps
 # every count far from overflow and is well beyond ViT sequence lengths.
@@ -29,8 +30,6 @@ MAX_TOKENS = 65536
 # (it counts launches traced by torch.compile only once, at trace time).
 launch_count = 0
 
-_triton_op = getattr(torch.library, "triton_op", None)  # torch >= 2.6
-_wrap_triton = getattr(torch.library, "wrap_triton", None)
 
 
 def _pow_mode(tau: float, active: bool) -> tuple[int, float]:
@@ -63,12 +62,7 @@ def _blocks(interpret: bool, t1: int, t2: int, C: int, T: int) -> dict:
 def _launch(kernel, grid, *args, **meta):
     global launch_count
     launch_count += 1
-    # wrap_triton makes the launch traceable by torch.compile; the interpreter's
-    # kernels are not JITFunctions, so they are called directly.
-    if _wrap_triton is not None and isinstance(kernel, triton.runtime.jit.JITFunction):
-        _wrap_triton(kernel)[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
+    wrap(kernel)[grid](*args, **meta)
 
 
 def _match_impl(
@@ -129,16 +123,8 @@ def _match_impl(
     return dest
 
 
-if _triton_op is not None:
-    # A custom op whose body torch.compile can trace into (kernels via wrap_triton).
-    @_triton_op("mctf::match", mutates_args=())
-    def _match_op(
-        x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
-        tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
-    ) -> torch.Tensor:
-        return _match_impl(x, r, attn_received, size, tau_sim, tau_info, tau_size, num_protected, bidirectional)
-else:  # older torch: plain launches (still no host sync)
-    _match_op = _match_impl
+# a custom op whose body torch.compile traces into (kernels via wrap_triton)
+_match_op = custom_op("match", _match_impl)
 
 
 def match_triton(

@@ -8,7 +8,6 @@ Layers: ``_merge_kernel`` (one program per slot and channel block) <- ``launch_m
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -16,39 +15,8 @@ import triton
 import triton.language as tl
 
 from ..merge import merge_reference, pooling_weights  # noqa: F401  (the reference beside its launcher)
+from ._common import block_size, custom_op, last_dim_unit, warps_for, wrap
 from ._merge_kernel import _merge_kernel
-
-# torch.library.triton_op / wrap_triton (torch >= 2.6) make the kernels visible to
-# torch.compile; older torch (>= 2.4) calls the kernels directly behind an
-# autograd.Function.
-HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
-
-def wrap(kernel):
-    return torch.library.wrap_triton(kernel) if HAS_TRITON_OP else kernel
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def block_size(n: int, cap: int, floor: int = 16) -> int:
-    """Power-of-two block covering ``n`` within [floor, cap]. The interpreter runs
-    one numpy op per program, so it gets the largest block (fewest programs)."""
-    if interpreting():
-        cap = max(cap, 1024)
-    return max(floor, min(triton.next_power_of_2(max(n, 1)), cap))
-
-
-def warps_for(block: int) -> int:
-    return 1 if block <= 64 else 2 if block <= 256 else 4
-
-
-def last_dim_unit(t: torch.Tensor) -> torch.Tensor:
-    """Strides are passed to the kernels; copy only when the channel dim is strided
-    (a strided last dim would make every load uncoalesced)."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
 
 def slot_index(dest: torch.Tensor, t_out: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """CSR-like inverse of the slot map, on device and without host sync.
@@ -208,21 +176,7 @@ def _backward(ctx, grad_out, _g_size, _g_source, _g_den):
     return grad_x, None, None, None, None, None, None
 
 
-if HAS_TRITON_OP:
-    merge_op = torch.library.triton_op("mctf::merge", _merge_impl, mutates_args=())
-    merge_op.register_autograd(_backward, setup_context=_setup_context)
-else:  # torch < 2.6: eager autograd.Function around the direct launch
-    class _MergeFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, dest, t_out, size, attn_received, mode, source):
-            output = _merge_impl(x, dest, t_out, size, attn_received, mode, source)
-            _setup_context(ctx, (x, dest, t_out, size, attn_received, mode, source), output)
-            ctx.mark_non_differentiable(*output[1:])
-            return output
-
-        backward = staticmethod(_backward)
-
-    merge_op = _MergeFunction.apply
+merge_op = custom_op("merge", _merge_impl, _backward, _setup_context)
 
 
 def merge(
