@@ -147,6 +147,11 @@ def test_readme_table(tmp_path):
     body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(body) == 1 + len(out["rows"])  # header + every row (skipped ones with their reason)
     assert "skipped: Triton kernels need CUDA" in table and out["meta"]["device_name"] in table
+    assert "(noisy: " in table  # --warmup 0 rows are noisy, and say why
+    # without --all a noisy row is not presented as a result
+    plain = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_table.py"), str(tmp_path / "out.json")],
+                           check=True, capture_output=True, text=True, timeout=60).stdout
+    assert [line for line in plain.splitlines() if line.startswith("| ") and "---" not in line][1:] == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional (extras 'bench')")
