@@ -72,7 +72,7 @@ def test_every_option_has_help_and_no_markup(tool):
         if isinstance(action, argparse._HelpAction) or not action.option_strings:
             continue
         assert action.help, action.option_strings
-        if action.default not in (None, False):  # the default is shown unless the help names it
+        if action.default is not None and action.default is not False:  # shown unless the help names it
             assert "default" in common.HelpFormatter("x")._get_help_string(action), action.option_strings
 
 

@@ -52,7 +52,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:  # (0 is a default worth showing)
             return text
         default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
         if isinstance(action.default, dict):
