@@ -14,9 +14,9 @@ def smoke_enabled(config) -> bool:
 
 
 def device_name(device: torch.device) -> str:
-    # imported here, not at the top: conftest imports this module before it switches
-    # the Triton interpreter on, and importing the model layer that early defeats it
-    from mctf.bench_cli import device_name as name
+    # mctf.cli.common imports neither torch's ops nor Triton at import time, but the
+    # model layer it calls must not load before conftest switches the interpreter on
+    from mctf.cli.common import device_name as name
 
     return name(device)
 

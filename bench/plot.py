@@ -2,8 +2,8 @@
 
     python bench/plot.py bench/results/<device>-<date>.json [-o out.png]
 
-One line per MCTF provider (eager reference, Triton), the timm baseline as a
-horizontal line. matplotlib is needed here only (extras "bench").
+One line per MCTF provider (eager reference, Triton) with the repeats' min-max
+range as error bars, the timm baseline as a horizontal line. matplotlib is needed here only (extras "bench").
 """
 from __future__ import annotations
 
@@ -34,7 +34,12 @@ def plot(results: dict, out_path: str) -> str:
             notes.append(f"{provider}: not measured ({'; '.join(sorted(r for r in reasons if r))})")
             continue
         label = {"eager": "MCTF eager reference", "triton": "MCTF Triton"}.get(provider, f"MCTF {provider}")
-        ax.plot([p["r"] for p in pts], [p["images_per_s"] for p in pts], marker="o", label=label)
+        ys = [p["images_per_s"] for p in pts]
+        if all(p.get("ips_min") is not None for p in pts):  # the repeats' min-max range
+            yerr = [[y - p["ips_min"] for y, p in zip(ys, pts)], [p["ips_max"] - y for y, p in zip(ys, pts)]]
+        else:
+            yerr = None
+        ax.errorbar([p["r"] for p in pts], ys, yerr=yerr, marker="o", capsize=3, label=label)
     base = sweep.get("baseline") or {}
     if base.get("images_per_s"):
         ax.axhline(base["images_per_s"], color="gray", linestyle="--", label="timm baseline (SDPA)")

@@ -2,8 +2,9 @@
 
     python bench/readme_table.py bench/results/*.json [--all]
 
-One row per measured (model, dtype, preset, provider); ``--all`` also lists
-rows that were skipped or failed, with the reason.
+One row per measured (model, dtype, preset, provider) that is a result; ``--all``
+also lists rows that were skipped, failed or flagged noisy, with the reason
+(bench/NOTES.md, "How we measure").
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def _num(value, spec: str, suffix: str = "") -> str:
 
 def render(results: list, include_all: bool = False) -> str:
     lines = [
-        "| device | model | dtype | batch | preset | provider | GFLOPs | img/s | speedup | ideal | achieved/ideal | peak MiB |",
-        "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| device | model | dtype | batch | preset | provider | GFLOPs | img/s | range | speedup | ideal | achieved/ideal | peak MiB |",
+        "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     sources = []
     for res in results:
@@ -29,13 +30,16 @@ def render(results: list, include_all: bool = False) -> str:
                        f"triton {meta.get('triton')}, timm {meta.get('timm')}")
         for r in res["rows"]:
             ips = r.get("images_per_s")
-            if not ips and not include_all:
+            if (not ips or r.get("noisy")) and not include_all:
                 continue
             dtype = r["dtype"] + (" amp" if r.get("amp") else "")
             img = _num(ips, ".1f") if ips else ("skipped: " + r["skipped"] if r.get("skipped") else f"error: {r.get('error')}")
+            if r.get("noisy"):
+                img += " (noisy: " + "; ".join(r.get("noisy_reasons", [])) + ")"
+            rng = f"{r['ips_min']:.1f}-{r['ips_max']:.1f}" if ips and r.get("ips_min") is not None else "-"
             lines.append(
                 f"| {device} | {r['model']} | {dtype} | {r['batch']} | {r['preset']} | {r['provider']} | "
-                f"{_num(r.get('gflops'), '.2f')} | {img} | {_num(r.get('speedup'), '.2f', 'x')} | "
+                f"{_num(r.get('gflops'), '.2f')} | {img} | {rng} | {_num(r.get('speedup'), '.2f', 'x')} | "
                 f"{_num(r.get('ideal_speedup'), '.2f', 'x')} | {_num(r.get('achieved_over_ideal'), '.2f')} | "
                 f"{_num(r.get('peak_mem_mb'), '.0f')} |"
             )
@@ -46,7 +50,7 @@ def render(results: list, include_all: bool = False) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="JSON files written by mctf-bench --json/--save")
-    p.add_argument("--all", action="store_true", help="also list skipped and failed rows")
+    p.add_argument("--all", action="store_true", help="also list skipped, failed and noisy rows")
     args = p.parse_args(argv)
     results = []
     for path in args.results:

@@ -1,4 +1,4 @@
-"""Fine-tuning with MCTF (SPEC section 8): a student pass at the configured r and a
+"""Fine-tuning with MCTF (README, "Fine-tuning"): a student pass at the configured r and a
 teacher pass at a random smaller r through the same weights, with a consistency
 loss between their final class tokens."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``mctf-visualize``: which patches each surviving token holds (source tracing), as a picture.
+"""Which patches each surviving token holds (source tracing), as a picture: the library
+behind ``mctf-visualize`` (:mod:`mctf.cli.visualize`).
 
 For every image, one panel with the input and one per requested block: the image
 split into regions, one region per token left after that block (the patches the
@@ -15,18 +16,14 @@ Python use::
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import dataclasses
-import os
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 import mctf
-from mctf.eval_cli import UsageError, add_config_arguments, add_model_arguments, build_config, create_model, patch_model
 
 STYLES = ("mean", "palette")
 
@@ -254,87 +251,3 @@ def demo_image(size: int = 224):
                 x0, y0 = 112 * s + col * step, 168 * s + row * step
                 d.rectangle([x0, y0, x0 + step - 1, y0 + step - 1], fill=(230, 200, 90))
     return img
-
-
-# ---------------------------------------------------------------------------
-# command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mctf-visualize", description=__doc__.split("\n\n")[0])
-    p.add_argument("images", nargs="*", help="image files (any format Pillow reads)")
-    p.add_argument("--demo", action="store_true", help="add the built-in synthetic scene (no image needed)")
-    p.add_argument("--output", "-o", required=True, help="PNG to write")
-    p.add_argument("--layers", nargs="+", type=int, metavar="I",
-                   help="0-based blocks after which to draw (negative: from the end); default: 4 spread blocks")
-    p.add_argument("--style", choices=STYLES, default="mean",
-                   help="mean: regions in their mean colour; palette: a distinct colour per region")
-    p.add_argument("--no-borders", action="store_true", help="do not outline the regions")
-    p.add_argument("--no-captions", action="store_true")
-    p.add_argument("--seed", type=int, default=0, help="seed of a random-init model")
-    p.add_argument("--device", default="cpu")
-    add_model_arguments(p, default_model="deit_tiny_patch16_224")
-    add_config_arguments(p, r_help="r for the config's active blocks (one value)")
-    return p
-
-
-def _load_images(paths: Sequence[str]):
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UsageError(f"no such image file: {path}")
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UsageError(f"cannot read image {path}: {exc}") from None
-    return images
-
-
-def run(args) -> List[Visualization]:
-    if not args.images and not args.demo:
-        raise UsageError("give one or more image files (or --demo)")
-    if not args.output.lower().endswith(".png"):
-        raise UsageError(f"--output must be a .png file, got {args.output}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UsageError(f"--output: directory of {args.output} does not exist")
-    images = _load_images(args.images) + ([demo_image()] if args.demo else [])
-    torch.manual_seed(args.seed)
-    model = create_model(args)
-    if args.preset == "baseline":
-        raise UsageError("--preset baseline fuses nothing: choose mctf or mctf-fast (or --mctf-type)")
-    config = build_config(args, len(getattr(model, "blocks", ())))
-    if args.r is not None:
-        if len(args.r) != 1:
-            raise UsageError("mctf-visualize takes one --r value")
-        from mctf.eval_cli import parse_r_values
-
-        config = config.replace(r=parse_r_values(args.r)[0])
-    if args.backend:
-        mctf.set_backend(args.backend)
-    model = patch_model(model, config.replace(trace_source=True)).to(args.device)
-    try:
-        return [visualize(model, im, args.layers, style=args.style, borders=not args.no_borders) for im in images]
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        results = run(args)
-    except UsageError as exc:
-        parser.error(str(exc))
-    figure(results, captions=not args.no_captions).save(args.output)
-    for vis in results:
-        counts = ", ".join(f"block {i}: {vis.tokens[i]}" for i in vis.layers)
-        print(f"{vis.image.width}x{vis.image.height} image, tokens after {counts}", file=sys.stderr)
-    print(f"mctf-visualize: wrote {args.output}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Bipartite matching (SPEC section 4): from scores to a slot map.
+"""Bipartite matching (docs/algorithm.md, "Matching"): from scores to a slot map.
 
 The result is ``dest`` (B, T) int64: the output slot of every input token. Slots
 are numbered in the output token order, so merging by ``dest`` reproduces the

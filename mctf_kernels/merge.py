@@ -1,4 +1,4 @@
-"""Merging tokens by slot map (SPEC section 5).
+"""Merging tokens by slot map (docs/algorithm.md, "Pooling").
 
 Every pooling rule is a reduction over the input tokens that share an output
 slot, so a single slot map from ``match`` describes the whole two-stage merge.

@@ -1,4 +1,4 @@
-"""How many tokens a fusion layer removes (SPEC section 2).
+"""How many tokens a fusion layer removes (docs/algorithm.md, "How many tokens a layer removes").
 
 Everything here is plain Python on ints: the token count after every layer is
 known before any data is seen, so shapes stay static (CUDA graphs, torch.compile).

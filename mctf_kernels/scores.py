@@ -1,4 +1,4 @@
-"""Multi-criteria scores between the A tokens (even) and B tokens (odd): SPEC section 3.
+"""Multi-criteria scores between the A tokens (even) and B tokens (odd) (docs/algorithm.md, "Scores").
 
 score[a, b] = W_sim * W_info * W_size, always in float32. Rows and columns of
 protected prefix tokens are -inf so they are never a source nor a destination.

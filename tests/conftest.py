@@ -31,3 +31,32 @@ def triton_backend():
 def _fresh_seed():
     torch.manual_seed(0)
     yield
+
+
+# The quick subset, `python3 -m pytest -q -m "not slow" tests` (README, "Tests"), leaves out
+# what takes seconds per test on a 2-core CPU: the Triton kernels under the interpreter,
+# the ahead-of-time sm_90 compiles, whole models on every backend, and all but one of the
+# public-code golden configurations. Tests in the CLI files carry their own marks.
+SLOW_MODULES = {
+    "test_triton_match.py", "test_triton_merge.py", "test_triton_attention.py",
+    "test_triton_flash_attention.py", "test_kernels_compile_sm90.py", "test_model_backends.py",
+    "test_training.py",
+}
+QUICK_GOLDEN = "test_reference_backend_matches_public_code[preset]"
+
+
+def _slow(item) -> bool:
+    module, name = item.path.name, item.name
+    if module in SLOW_MODULES:
+        return True
+    if module == "test_golden_conformance.py":
+        return name != QUICK_GOLDEN
+    if module == "test_reference_ops.py" and item.originalname == "test_merge_properties":
+        return item.callspec.params["T"] > 100  # the small cases keep the properties in the quick subset
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _slow(item):
+            item.add_marker(pytest.mark.slow)

@@ -13,13 +13,14 @@ import subprocess
 import sys
 
 import pytest
+import statistics
 
-from mctf import bench_cli
+from mctf.cli import bench as bench_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--models", "deit_tiny_patch16_224", "--model-kwargs", '{"img_size": 64, "depth": 2}',
-        "--batch-size", "2", "--seconds", "0", "--warmup", "0", "--max-iters", "1", "--threads", "1",
-        "--device", "cpu"]
+        "--batch-size", "2", "--seconds", "0", "--warmup", "0", "--warmup-seconds", "0", "--repeats", "2",
+        "--max-iters", "1", "--threads", "1", "--device", "cpu"]
 
 
 def _close(a, b):
@@ -33,13 +34,12 @@ def _run(tmp_path, *extra):
 
 
 def test_cli_rows_and_ratios(tmp_path):
-    out = _run(tmp_path, "--dtype", "fp32", "bf16", "--r-sweep", "0", "4", "--r-sweep-model", "deit_tiny_patch16_224",
-               "--latency", "--cuda-graphs")
+    out = _run(tmp_path, "--dtype", "fp32", "bf16", "--r-sweep", "0", "4", "--latency", "--cuda-graphs")
     meta = out["meta"]
     for key in ("device_name", "torch", "triton", "timm", "date", "argv"):
         assert meta[key], key
     assert meta["device_type"] == "cpu" and meta["device_name"].startswith("CPU")
-    assert out["torch"] == meta["torch"] and out["date"] == meta["date"]  # the first version's keys
+    assert meta["timing"]["repeats"] == 2 and "data loading" in meta["method"]
 
     rows = out["rows"]
     # 2 dtypes x (baseline:timm + 2 presets x {eager, triton}) x {plain, cudagraphs}
@@ -60,7 +60,14 @@ def test_cli_rows_and_ratios(tmp_path):
         base = next(r for r in rows if r["dtype"] == dtype and r["provider"] == "timm")
         assert base["amp"] is False and base["peak_mem_mb"] is None  # no allocator peak on CPU
         for r in (r for r in measured if r["dtype"] == dtype):
-            assert _close(r["speedup"], r["images_per_s"] / base["images_per_s"])
+            # timed side by side: the speedup is the median of the per-repeat ratios
+            assert r["interleaved"] and len(r["seconds_per_iter"]) == r["repeats"] == 2
+            rounds = sorted(b / a for a, b in zip(r["seconds_per_iter"], base["seconds_per_iter"]))
+            assert _close(r["speedup"], statistics.median(rounds))
+            assert r["speedup_min"] == rounds[0] and r["speedup_max"] == rounds[-1]
+            assert r["ips_min"] <= r["images_per_s"] <= r["ips_max"]
+            assert _close(r["spread"], (r["ips_max"] - r["ips_min"]) / r["images_per_s"])
+            assert r["noisy"] and "no warmup" in r["noisy_reasons"]  # --warmup 0: never presented as a result
             assert _close(r["ideal_speedup"], base["gflops"] / r["gflops"])
             assert _close(r["flop_ratio"], r["ideal_speedup"])
             assert _close(r["achieved_over_ideal"], r["speedup"] / r["ideal_speedup"])
@@ -70,6 +77,7 @@ def test_cli_rows_and_ratios(tmp_path):
     assert "process_peak_rss_mb" in meta and "memory_note" in meta
 
     sweep = out["r_sweep"]
+    assert sweep["model"] == "deit_tiny_patch16_224"  # the given model, not a fixed one
     assert sweep["baseline"]["images_per_s"] and [p["r"] for p in sweep["points"] if p.get("images_per_s")] == [0, 4]
     by_r = {p["r"]: p for p in sweep["points"] if p["provider"] == "eager"}
     assert _close(by_r[0]["gflops"], sweep["baseline"]["gflops"])  # r = 0 fuses nothing
@@ -78,8 +86,9 @@ def test_cli_rows_and_ratios(tmp_path):
     assert out["latency"]["rows"] == [] and "CUDA" in out["latency"]["skipped"]
 
 
-def test_cli_compile_legacy_backend_and_save(tmp_path):
-    # --backend is the first version's flag: the baseline and one MCTF backend
+@pytest.mark.slow
+def test_cli_compile_backend_shorthand_and_save(tmp_path):
+    # --backend: the baseline and one MCTF backend
     path = tmp_path / "legacy.json"
     bench_cli.main(TINY + ["--backend", "reference", "--presets", "baseline", "mctf", "--json", str(path)])
     assert [r["provider"] for r in json.loads(path.read_text())["rows"]] == ["timm", "eager"]
@@ -103,6 +112,7 @@ def test_mctf_never_imports_triton():
             assert not [n for n in names if n.split(".")[0] == "triton"], path
 
 
+@pytest.mark.slow
 def test_kernel_bench_suite_cpu_smoke(tmp_path):
     """``pytest bench/ --cpu-smoke``: every op x provider once, with its extra_info."""
     report = tmp_path / "kernels.json"
@@ -137,13 +147,78 @@ def test_readme_table(tmp_path):
     body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(body) == 1 + len(out["rows"])  # header + every row (skipped ones with their reason)
     assert "skipped: Triton kernels need CUDA" in table and out["meta"]["device_name"] in table
+    assert "(noisy: " in table  # --warmup 0 rows are noisy, and say why
+    # without --all a noisy row is not presented as a result
+    plain = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_table.py"), str(tmp_path / "out.json")],
+                           check=True, capture_output=True, text=True, timeout=60).stdout
+    assert [line for line in plain.splitlines() if line.startswith("| ") and "---" not in line][1:] == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional (extras 'bench')")
 def test_plot_r_sweep(tmp_path):
-    _run(tmp_path, "--dtype", "fp32", "--presets", "baseline", "--r-sweep", "0", "4",
-         "--r-sweep-model", "deit_tiny_patch16_224")
+    _run(tmp_path, "--dtype", "fp32", "--presets", "baseline", "--r-sweep", "0", "4")
     png = tmp_path / "plot.png"
     subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(tmp_path / "out.json"), "-o", str(png)],
                    check=True, capture_output=True, timeout=120)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fails(args, capsys, message, monkeypatch=None):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cli.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "mctf-bench: error:" in err and message in err and "Traceback" not in err
+    assert "building" not in err  # stopped before any model was built
+    return err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "foo"], "unknown timm model 'foo'"),
+    (["--models", "deit_tiny_patch16_22"], "did you mean deit_tiny_patch16_224"),
+    (["--models", "resnet18"], "resnet18: mctf.patch.timm supports timm VisionTransformer"),
+    (["--models", "deit_tiny_patch16_224", "--model-kwargs", "img_size"], "key=value"),
+    (["--models", "deit_tiny_patch16_224", "--model-kwargs", "bogus_arg=1"], "cannot create"),
+    (["--models", "deit_tiny_patch16_224", "--r-sweep", "x"], "--r-sweep"),
+    (["--models", "deit_tiny_patch16_224", "--repeats", "0"], "--repeats"),
+    (["--models", "deit_tiny_patch16_224", "--providers", "eager", "--backend", "reference"], "shorthand"),
+    (["--models", "deit_tiny_patch16_224", "--device", "gpu0"], "--device"),
+])
+def test_bad_input(args, message, capsys):
+    _fails(args, capsys, message)
+
+
+def torch_cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_bad_backend_env_and_triton_without_cuda(monkeypatch, capsys):
+    monkeypatch.setenv("MCTF_BACKEND", "bogus")
+    _fails(["--models", "deit_tiny_patch16_224"], capsys, "MCTF_BACKEND='bogus' is not a backend")
+    monkeypatch.delenv("MCTF_BACKEND")
+    if torch_cuda():
+        return
+    # asked for by name, the Triton provider on a CPU is an error (by default it is a skipped row)
+    _fails(["--models", "deit_tiny_patch16_224", "--providers", "triton", "--device", "cpu"], capsys, "triton")
+    _fails(["--models", "deit_tiny_patch16_224", "--backend", "triton", "--device", "cpu"], capsys, "triton")
+
+
+def test_backend_env_picks_providers(tmp_path, monkeypatch):
+    monkeypatch.setenv("MCTF_BACKEND", "reference")
+    out = _run(tmp_path, "--presets", "baseline", "mctf", "--model-kwargs", "img_size=64", "depth=2")
+    assert [r["provider"] for r in out["rows"]] == ["timm", "eager"]
+    assert out["meta"]["model_kwargs"] == {"img_size": 64, "depth": 2}  # the later --model-kwargs wins
+
+
+def test_table_flags_noisy_rows():
+    row = dict(model="m", dtype="fp32", preset="mctf", provider="eager", gflops=1.0, images_per_s=10.0, ips_min=5.0,
+               ips_max=20.0, speedup=1.9, ideal_speedup=1.7, achieved_over_ideal=1.12, peak_mem_mb=None, tokens="t",
+               noisy=True, noisy_reasons=["spread 150% > 10%", "achieved/ideal 1.12 > 1.05"])
+    text = bench_cli.format_table([row, dict(row, noisy=False, noisy_reasons=[], achieved_over_ideal=0.9)], 5)
+    lines = text.splitlines()
+    assert "NOISY, not a result: spread 150% > 10%; achieved/ideal 1.12 > 1.05" in lines[2]
+    assert "1.90x?" in lines[2] and "1.12?" in lines[2] and "5.0-20.0" in lines[2]
+    assert "NOISY" not in lines[3] and "1.90x " in lines[3]
+    assert "1 row(s) NOISY" in text and "no data loading" in text

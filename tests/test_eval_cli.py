@@ -11,12 +11,15 @@ import torch
 from PIL import Image
 
 import mctf
-from mctf import eval_cli
+from mctf.cli import eval as eval_cli
 
 MODEL = "deit_tiny_patch16_224"
 KWARGS = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 BASE_ARGS = ["--model", MODEL, "--model-kwargs", json.dumps(KWARGS), "--num-classes", "3",
-             "--batch-size", "4", "--workers", "0", "--no-progress", "--device", "cpu"]
+             "--batch-size", "4", "--workers", "0", "--no-progress", "--device", "cpu", "--no-timing"]
+# the shortest honest timing: a 3-pass warmup capped at 1 s, two interleaved repeats
+FAST_TIMING = ["--warmup", "3", "--warmup-seconds", "0", "--warmup-max-seconds", "1", "--repeats", "2",
+               "--seconds", "0"]
 
 
 def tiny_model():
@@ -89,8 +92,9 @@ def run_cli(args, capsys):
 def test_eval_end_to_end_json_and_top1(image_folder, public_checkpoint, tmp_path, capsys):
     path, state_dict = public_checkpoint
     out_json = tmp_path / "results.json"
-    out = run_cli(BASE_ARGS + ["--data-path", str(image_folder), "--checkpoint", str(path),
-                               "--r", "0", "4", "0.3", "--output", str(out_json)], capsys)
+    timed = [a for a in BASE_ARGS if a != "--no-timing"] + FAST_TIMING
+    out = run_cli(timed + ["--data-path", str(image_folder), "--checkpoint", str(path),
+                           "--r", "0", "4", "0.3", "--output", str(out_json)], capsys)
     report = json.loads(out_json.read_text())
     for key in ("model", "checkpoint", "data_path", "num_images", "num_classes", "topk", "data_config",
                 "mctf_type", "activate_layer", "amp", "device", "world_size", "results", "torch", "timm"):
@@ -114,6 +118,9 @@ def test_eval_end_to_end_json_and_top1(image_folder, public_checkpoint, tmp_path
         assert row["top5"] == 100.0  # top-3 of 3 classes
         assert row["loss"] == pytest.approx(loss, rel=1e-5)
         assert row["gflops"] > 0 and row["images_per_s"] > 0
+        assert row["ips_min"] <= row["images_per_s"] <= row["ips_max"] and row["repeats"] == 2
+        assert row["timing_batch"] == 4 and isinstance(row["noisy"], bool)
+        assert row["noisy"] == bool(row["noisy_reasons"])
         assert row["mctf_type"][0] == row["r"]
     assert report["results"][0]["tokens_per_block"] == [65, 65, 65, 65]
     assert report["results"][1]["tokens_per_block"] == [65, 61, 57, 53]
@@ -122,8 +129,9 @@ def test_eval_end_to_end_json_and_top1(image_folder, public_checkpoint, tmp_path
     assert report["results"][0]["correct1"] == expected_correct(state_dict, image_folder, None)[0]
     # the printed table
     lines = out.out.strip().splitlines()
-    assert lines[0].split()[:6] == ["r", "top-1", "top-3", "loss", "img/s", "GFLOPs"]
-    assert [line.split()[0] for line in lines[2:]] == ["0", "4", "0.3"]
+    assert lines[0].split()[:9] == ["r", "top-1", "top-3", "loss", "GFLOPs", "img/s", "range", "(min-max)", "tokens"]
+    assert [line.split()[0] for line in lines[2:5]] == ["0", "4", "0.3"]
+    assert "data loading excluded" in out.out and "median of 2 interleaved repeats" in out.out
 
 
 def test_baseline_preset_and_plain_state_dict(image_folder, tmp_path, capsys):
@@ -194,6 +202,9 @@ def bad_folders(tmp_path_factory):
     (["--data-path", "{images}", "--preset", "baseline", "--r", "4"], "baseline"),
     (["--data-path", "{images}", "--output", "{root}/no/dir/r.json"], "--output"),
     (["--data-path", "{images}", "--device", "gpu0"], "--device"),
+    (["--data-path", "{images}", "--model-kwargs", "img_size"], "key=value"),
+    (["--data-path", "{images}", "--batch-size", "0"], "--batch-size"),
+    (["--data-path", "{images}", "--repeats", "0"], "--repeats"),
 ])
 def test_bad_input_gives_clear_error(bad_folders, image_folder, extra, message, capsys):
     args = BASE_ARGS + [a.replace("{root}", str(bad_folders)).replace("{images}", str(image_folder)) for a in extra]
@@ -204,6 +215,66 @@ def test_bad_input_gives_clear_error(bad_folders, image_folder, extra, message, 
     assert "mctf-eval: error:" in err and message in err and "Traceback" not in err
 
 
+def _fails(args, capsys, message):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "mctf-eval: error:" in err and message in err and "Traceback" not in err
+    return err
+
+
+def test_triton_backend_without_cuda_or_interpreter(image_folder, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine can run the Triton backend; the error is for machines that cannot")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    err = _fails(BASE_ARGS + ["--data-path", str(image_folder), "--backend", "triton"], capsys, "backend triton")
+    assert "TRITON_INTERPRET" in err and "mctf-eval: deit" not in err  # stopped before the run started
+    monkeypatch.setenv("MCTF_BACKEND", "triton")
+    _fails(BASE_ARGS + ["--data-path", str(image_folder)], capsys, "backend triton")
+
+
+def test_unsupported_model(image_folder, capsys):
+    args = ["-m", "resnet18", "--num-classes", "3", "--no-progress", "--device", "cpu", "--data-path", str(image_folder)]
+    err = _fails(args, capsys, "supports timm VisionTransformer")
+    assert "resnet18" in err and "ResNet" in err
+
+
+def test_bogus_backend_env(image_folder, monkeypatch, capsys):
+    monkeypatch.setenv("MCTF_BACKEND", "bogus")
+    _fails(BASE_ARGS + ["--data-path", str(image_folder)], capsys, "MCTF_BACKEND='bogus' is not a backend")
+
+
+def test_key_value_kwargs_equal_json(image_folder, tmp_path, capsys):
+    """timm's --model-kwargs key=value ... builds the same model as the JSON form, with the
+    short options -m -b -j."""
+    kv = [f"{k}={v}" for k, v in KWARGS.items()]
+    args = ["-m", MODEL, "--model-kwargs", *kv, "--num-classes", "3", "-b", "5", "-j", "0", "--no-progress",
+            "--device", "cpu", "--no-timing", "--data-path", str(image_folder), "--r", "4"]
+    run_cli(args + ["--output", str(tmp_path / "kv.json")], capsys)
+    json_args = BASE_ARGS + ["--data-path", str(image_folder), "--r", "4", "--output", str(tmp_path / "js.json")]
+    run_cli(json_args, capsys)
+    a, b = json.loads((tmp_path / "kv.json").read_text()), json.loads((tmp_path / "js.json").read_text())
+    assert a["batch_size"] == 5 and a["data_config"] == b["data_config"]
+    assert [(r["correct1"], r["tokens_per_block"], r["gflops"]) for r in a["results"]] == [
+        (r["correct1"], r["tokens_per_block"], r["gflops"]) for r in b["results"]]
+
+
+@pytest.mark.slow
+def test_compile_option(image_folder, tmp_path, capsys):
+    """--compile evaluates through torch.compile (aot_eager: tracing without code generation) with
+    the same counts."""
+    args = BASE_ARGS + ["--data-path", str(image_folder), "--r", "4", "--compile-backend", "aot_eager"]
+    run_cli(args + ["--output", str(tmp_path / "plain.json")], capsys)
+    run_cli(args + ["--compile", "--output", str(tmp_path / "compiled.json")], capsys)
+    a, b = json.loads((tmp_path / "plain.json").read_text()), json.loads((tmp_path / "compiled.json").read_text())
+    assert b["compile"] is True and a["compile"] is False
+    assert (a["results"][0]["correct1"], a["results"][0]["num_images"]) == (
+        b["results"][0]["correct1"], b["results"][0]["num_images"])
+    assert b["results"][0]["loss"] == pytest.approx(a["results"][0]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(image_folder, public_checkpoint, tmp_path, capsys):
     """2 gloo ranks on CPU, disjoint shards (10 images: 5 + 5, the odd split has no duplicates)."""
     path, _ = public_checkpoint
@@ -214,7 +285,7 @@ def test_torchrun_two_processes_match_one(image_folder, public_checkpoint, tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mctf.eval_cli", *common, "--r-evals", "0", "4", "--output", str(double)],
+         "-m", "mctf.cli.eval", *common, "--r-evals", "0", "4", "--output", str(double)],
         capture_output=True, text=True, env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

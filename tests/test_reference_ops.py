@@ -1,5 +1,5 @@
 """The eager reference ops against hand-computed cases, an independent literal
-implementation of SPEC section 4, and the properties every slot map must have."""
+implementation of docs/algorithm.md, "Matching", and the properties every slot map must have."""
 import math
 
 import pytest
@@ -83,7 +83,7 @@ def test_zero_token_is_not_nan():
 
 
 # ---------------------------------------------------------------------------
-# an independent, literal implementation of SPEC section 4 (lists, sorted())
+# an independent, literal implementation of docs/algorithm.md, "Matching" (lists, sorted())
 
 
 def literal_slot_map(score, r, num_protected, bidirectional):

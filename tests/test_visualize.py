@@ -7,6 +7,7 @@ from PIL import Image
 
 import mctf
 from mctf import visualize as vz
+from mctf.cli import visualize as vz_cli
 
 KWARGS = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
 CLI_MODEL = ["--model", "deit_tiny_patch16_224", "--model-kwargs",
@@ -86,7 +87,7 @@ def test_cli_writes_png(tmp_path, capsys):
         paths.append(tmp_path / f"im{i}.{'jpg' if i else 'png'}")
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
     out = tmp_path / "vis.png"
-    assert vz.main([str(p) for p in paths] + CLI_MODEL + ["--r", "6", "--layers", "1", "3", "--output", str(out)]) == 0
+    assert vz_cli.main([str(p) for p in paths] + CLI_MODEL + ["--r", "6", "--layers", "1", "3", "--output", str(out)]) == 0
     picture = Image.open(out)
     assert picture.format == "PNG"
     gap, caption = 4, 14
@@ -97,7 +98,7 @@ def test_cli_writes_png(tmp_path, capsys):
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, **KWARGS)
     ckpt = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "epoch": 1}, ckpt)
-    assert vz.main([str(paths[0]), "--checkpoint", str(ckpt), "--no-captions", "--output", str(out)] + CLI_MODEL) == 0
+    assert vz_cli.main([str(paths[0]), "--checkpoint", str(ckpt), "--no-captions", "--output", str(out)] + CLI_MODEL) == 0
     assert Image.open(out).size[1] == 40 + 2 * gap
 
 
@@ -115,7 +116,19 @@ def test_cli_bad_input(tmp_path, args, message, capsys):
     Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + CLI_MODEL + ["--output", str(tmp_path / "o.png")]
     with pytest.raises(SystemExit) as exit_info:
-        vz.main(argv)
+        vz_cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "mctf-visualize: error:" in err and message in err and "Traceback" not in err
+
+
+def test_cli_styles_match_library():
+    assert vz_cli.STYLES == vz.STYLES
+
+
+def test_cli_key_value_kwargs_and_demo(tmp_path):
+    out = tmp_path / "demo.png"
+    kv = ["img_size=64", "patch_size=8", "embed_dim=32", "depth=4", "num_heads=2"]
+    assert vz_cli.main(["--demo", "-m", "deit_tiny_patch16_224", "--model-kwargs", *kv, "--num-classes", "3",
+                        "-o", str(out)]) == 0
+    assert Image.open(out).size[0] > 64
