@@ -366,8 +366,8 @@ def _resource_usage(cubin: bytes) -> dict:
         f.flush()
         res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
                              capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-hex", f.name] if False else [_tool("cuobjdump"), "-sass", f.name],
-                              capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
     usage = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL|CONSTANT\[0\]|TEXTURE):(\d+)",
                                                        res) if k in ("REG", "STACK", "SHARED", "LOCAL")}
     instr = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
@@ -524,7 +524,8 @@ def analyse_ttir(ttir: str, arg_values: dict) -> dict:
             dyn_ops += depth_trips[-1]
         if s.endswith("{") and not s.startswith(("tt.func", "module")):
             depth_trips.append(depth_trips[-1])
-    return dict(read_args=sorted(r[1:] for r in reads if r in fargs), write_args=sorted(w[1:] for w in writes if w in fargs),
+    return dict(read_args=sorted(r[1:] for r in reads if r in fargs),
+                write_args=sorted(w[1:] for w in writes if w in fargs),
                 dyn_over_static=(dyn_ops / static_ops) if static_ops else 1.0, unknown_trip_loops=unknown_loops)
 
 
@@ -602,7 +603,8 @@ def analyse(cap: dict, hw: dict = H100) -> dict:
             d.update(grid=list(L["grid"]), num_warps=L["options"].num_warps, num_stages=L["options"].num_stages,
                      constexprs=_cx_names(L), args=L["args"],
                      specialisation={k: v for k, v in L["signature"].items()},
-                     reads=[a for a in info["read_args"] if a in ptrs], writes=[a for a in info["write_args"] if a in ptrs],
+                     reads=[a for a in info["read_args"] if a in ptrs],
+                     writes=[a for a in info["write_args"] if a in ptrs],
                      est_bytes=nbytes, est_dyn_over_static=info["dyn_over_static"],
                      unknown_trip_loops=info["unknown_trip_loops"],
                      compile_key=list(_compiled).index(compile_key(L)),

@@ -110,7 +110,8 @@ def markdown(r: dict) -> str:
             "| --- | ---: |"]
     out += [f"| {k} | {v:,} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in r["constants"].items()]
     out += ["", "Kernel time (est.) = max(issue, memory, kernel_min_us); issue = ceil(programs / SMs) x warps x "
-                "est. SASS per program / (4 x clock x min(1, resident warps / warps_for_full_issue)); memory = bytes of "
+                "est. SASS per program / (4 x clock x min(1, resident warps / warps_for_full_issue)); "
+                "memory = bytes of "
                 "the pointer arguments the kernel loads or stores (from its TTIR) / (HBM x efficiency). Torch ops: "
                 "GEMM/SDPA FLOPs at the tensor-core (fp32: FMA) peak x gemm_efficiency, others their input + output "
                 "bytes. Forward (est.): eager = max(sum of kernels + gaps, ops x host cost); CUDA graph = sum of "
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("fp16", "bf16", "autocast", "fp32"), default="fp16")
     p.add_argument("--preset", default="mctf")
     p.add_argument("--img-size", type=int, default=None, help="timm img_size (e.g. 384)")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch of the CUDA-graph latency estimate (0: none)")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="batch of the CUDA-graph latency estimate (0: none)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="", help="tag in the file name, e.g. 'before'")
     a = p.parse_args(argv)
