@@ -261,7 +261,7 @@ class _CountOps(TorchDispatchMode):
                 finally:
                     self.rec.op_stack.pop()
         out = func(*args, **kwargs)
-        if name in HOST_SYNC:
+        if name in HOST_SYNC and not self.rec.mute:
             self.rec.host_syncs.append(name)
         if name in VIEW_OR_META or getattr(func, "is_view", False):
             return out
@@ -345,6 +345,9 @@ def capture(model_name: str, batch: int, dtype: str, preset: Optional[str] = "mc
                 amp = torch.autocast("cuda", dtype=autocast_dtype)
         with torch.no_grad(), mctf_kernels.use_backend("triton"), _intercept_jit(rec), amp, \
                 _SDPAIsOneKernel(rec), _CountOps(rec):
+            rec.mute += 1  # a first forward fills any cross-forward cache (e.g. cast weights): steady state is counted
+            model(x)
+            rec.mute -= 1
             model(x)
         for h in hooks:
             h.remove()

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     stem = "-".join(x for x in ("sm90", a.name, _short_model(a.model), a.dtype, f"b{a.batch}") if x)
     with open(os.path.join(a.out, stem + ".json"), "w") as f:
-        json.dump(r, f, indent=1, default=str)
+        json.dump(r, f, separators=(",", ":"), default=str)  # compact: ~1 MB otherwise for 24 layers
     md = markdown(r)
     with open(os.path.join(a.out, stem + ".md"), "w") as f:
         f.write(md)
