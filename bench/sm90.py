@@ -31,13 +31,16 @@ import tempfile
 from collections import Counter, defaultdict
 from typing import Any, Optional
 
-assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), \
-    "bench/sm90.py compiles kernels for sm_90: run it without TRITON_INTERPRET"
+import torch
+import triton
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
+
+def _require_compiler() -> None:
+    """Kernels defined under TRITON_INTERPRET are interpreted functions, never compiled."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("bench/sm90.py compiles kernels for sm_90: run it without TRITON_INTERPRET")
 
 # --------------------------------------------------------------------------- constants
 # Every figure the estimates use, in one place. Spec values of an H100 SXM5 (80 GB)
@@ -317,6 +320,7 @@ def capture(model_name: str, batch: int, dtype: str, preset: Optional[str] = "mc
     import mctf_kernels
     from mctf_kernels.triton.configs import force_gpu_configs
 
+    _require_compiler()
     rec = _Recorder()
     with torch.device("meta"):  # weights' values never matter: shapes only
         model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
@@ -536,7 +540,8 @@ def analyse_ttir(ttir: str, arg_values: dict) -> dict:
 def occupancy(registers: int, warps: int, shared_bytes: int, hw: dict = H100) -> dict:
     """Resident CTAs per SM and the occupancy (resident warps / 64) on an H100."""
     regs_per_warp = math.ceil(max(registers, 1) * 32 / hw["reg_alloc_unit"]) * hw["reg_alloc_unit"]
-    by_regs = (hw["regs_per_sm"] // regs_per_warp) // warps
+    # the register file is split over the 4 schedulers: a warp's registers live in one quarter
+    by_regs = 4 * ((hw["regs_per_sm"] // 4) // regs_per_warp) // warps
     smem = math.ceil((shared_bytes + hw["smem_reserved_per_cta"]) / hw["smem_alloc_unit"]) * hw["smem_alloc_unit"]
     by_smem = hw["smem_per_sm"] // smem
     by_warps = hw["max_warps_per_sm"] // warps

@@ -120,3 +120,46 @@ def check_mma_in_attention(r):
 )
 def test_sm90_structure(reports, path, check):
     globals()[f"check_{check}"](reports[path])
+
+
+# ---- the report's own arithmetic (pure functions, no compiler needed)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import sm90  # noqa: E402
+
+
+@pytest.mark.parametrize("regs,warps,smem,ctas", [
+    (255, 4, 32768, 2),     # 8192 registers a warp: 2 warps per scheduler
+    (168, 4, 1024, 3),      # 5376 a warp: 3 per scheduler, 12 warps
+    (74, 4, 32768, 6),      # 2560 a warp: 6 per scheduler (not 25 // 4 over the whole file)
+    (32, 2, 0, 32),         # the 32-CTA limit
+    (40, 8, 100 * 1024, 2),  # shared memory: 2 x (100 KiB + 1 KiB reserved) <= 228 KiB
+])
+def test_occupancy_arithmetic(regs, warps, smem, ctas):
+    occ = sm90.occupancy(regs, warps, smem)
+    assert occ["ctas_per_sm"] == ctas
+    assert occ["occupancy"] == ctas * warps / 64
+
+
+def test_ttir_reads_writes_and_loop_weights():
+    func = ('  tt.func public @k(%x_ptr: !tt.ptr<f16> loc("x_ptr"(#loc)), %o_ptr: !tt.ptr<f32> loc("o_ptr"(#loc)), '
+            '%C: i32 loc("C"(#loc))) {')
+    ttir = "module {\n" + func + """
+    %c0_i32 = arith.constant 0 : i32 loc(#loc1)
+    %c32_i32 = arith.constant 32 : i32 loc(#loc1)
+    %a = tt.splat %x_ptr : !tt.ptr<f16> -> tensor<32x!tt.ptr<f16>> loc(#loc2)
+    %s = scf.for %i = %c0_i32 to %C step %c32_i32 iter_args(%acc = %c0_i32) -> (i32)  : i32 {
+      %p = tt.addptr %a, %i : tensor<32x!tt.ptr<f16>>, i32 loc(#loc3)
+      %v = tt.load %p : tensor<32x!tt.ptr<f16>> loc(#loc4)
+      scf.yield %acc : i32 loc(#loc5)
+    } loc(#loc6)
+    %q = tt.splat %o_ptr : !tt.ptr<f32> -> tensor<32x!tt.ptr<f32>> loc(#loc7)
+    tt.store %q, %cst : tensor<32x!tt.ptr<f32>> loc(#loc8)
+    tt.return loc(#loc9)
+  } loc(#loc)
+} loc(#loc)
+"""
+    info = sm90.analyse_ttir(ttir, {"C": 384})
+    assert info["read_args"] == ["x_ptr"] and info["write_args"] == ["o_ptr"]
+    assert info["unknown_trip_loops"] == 0
+    # 5 ops outside the loop (constants, splats, store; the for itself is not counted), 2 inside run 384 / 32 times
+    assert info["dyn_over_static"] == pytest.approx((5 + 2 * 12) / 7)
