@@ -720,6 +720,15 @@ def report(model: str, batch: int, dtype: str, preset: str = "mctf", model_kwarg
         dense_flops_patched=sum(e.get("flops", 0) for e in pat["events"]),
         dense_flops_plain=sum(e.get("flops", 0) for e in pla["events"]),
     )
+    # kernels above 5% of their fused layer's estimated time that run below 25% occupancy
+    hot = set()
+    for r in fused:
+        layer_us = r["est_dense_us"] + r["est_mctf_us"] + r["est_other_us"]
+        for e in pat["events"]:
+            if e["block"] == r["block"] and e["kind"] == "triton" and e["est_us"] > 0.05 * layer_us \
+                    and e["occupancy"] < 0.25:
+                hot.add(_short(e["name"]))
+    summary["est_hot_kernels_below_25pct_occupancy"] = sorted(hot)
     summary["flop_ideal_speedup"] = (summary["dense_flops_plain"] / max(summary["dense_flops_patched"], 1)
                                      if plain else None)
     if latency_batch:
