@@ -9,7 +9,7 @@ The ops run on ``mctf_kernels`` (eager reference or fused Triton kernels, see
 from mctf_kernels import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
 
 from . import patch
-from .checkpoint import CheckpointMismatchError, load_checkpoint
+from .checkpoint import CheckpointLoadError, CheckpointMismatchError, load_checkpoint
 from .config import MCTF_TYPE_FIELDS, MCTFConfig
 from .patch import UnsupportedModelError, unpatch
 from .state import MCTFState
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "MCTFConfig", "MCTF_TYPE_FIELDS", "MCTFState", "load_checkpoint",
-    "CheckpointMismatchError", "UnsupportedModelError",
+    "CheckpointMismatchError", "CheckpointLoadError", "UnsupportedModelError",
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
 ]
