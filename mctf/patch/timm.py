@@ -197,7 +197,8 @@ class MCTFModel:
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, *args, **kwargs):
         self.mctf_state.reset()
-        output_fmt = kwargs.get("output_fmt", args[4] if len(args) > 4 else "NCHW")
+        # timm's order after indices: return_prefix_tokens, norm, stop_early, output_fmt
+        output_fmt = kwargs.get("output_fmt", args[3] if len(args) > 3 else "NCHW")
         if output_fmt == "NCHW":
             self._check_grid_intermediates(x, indices)
         return super().forward_intermediates(x, indices, *args, **kwargs)
