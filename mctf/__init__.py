@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "BACKENDS": "mctf_kernels", "BackendUnavailable": "mctf_kernels", "get_backend": "mctf_kernels",
     "set_backend": "mctf_kernels", "use_backend": "mctf_kernels",
-    "CheckpointMismatchError": "mctf.checkpoint", "load_checkpoint": "mctf.checkpoint",
+    "CheckpointMismatchError": "mctf.checkpoint", "CheckpointLoadError": "mctf.checkpoint",
+    "load_checkpoint": "mctf.checkpoint",
     "MCTF_TYPE_FIELDS": "mctf.config", "MCTFConfig": "mctf.config",
     "UnsupportedModelError": "mctf.patch", "unpatch": "mctf.patch",
     "MCTFState": "mctf.state",
@@ -26,7 +27,7 @@ _LAZY = {
 
 __all__ = [
     "patch", "unpatch", "MCTFConfig", "MCTF_TYPE_FIELDS", "MCTFState", "load_checkpoint",
-    "CheckpointMismatchError", "UnsupportedModelError",
+    "CheckpointMismatchError", "CheckpointLoadError", "UnsupportedModelError",
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
 ]
 

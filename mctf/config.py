@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 Number = Union[int, float]
+
+PRESETS = ("mctf", "mctf-fast")
 
 # Order of the public code's 11-entry `mctf_type` list.
 MCTF_TYPE_FIELDS = (
@@ -18,8 +21,12 @@ class MCTFConfig:
     """What one MCTF-patched model computes.
 
     r:              tokens removed per active layer: a count (>= 1) or a fraction (< 1) of
-                    the mergeable tokens; clamped per layer as in SPEC section 2.
+                    the mergeable tokens; clamped per layer (docs/algorithm.md, "How many
+                    tokens a layer removes").
     layers:         block indices where fusion runs (block 0 is index 0); None = every block.
+    preset_layers:  instead of ``layers``, a preset's block rule resolved against the model's
+                    depth when it is patched ("mctf": 1..depth-1, "mctf-fast": every
+                    (depth // 4)-th block); set by ``preset`` without ``depth``.
     tau_sim, tau_info, tau_size:
                     temperatures of the similarity, informativeness and size criteria;
                     0 switches that criterion off.
@@ -44,40 +51,55 @@ class MCTFConfig:
     prop_attn: bool = True
     trace_source: bool = False
     r_teacher_max: Number = 0
+    preset_layers: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or self.r < 0:
-            raise ValueError(f"r must be a number >= 0 (count, or fraction < 1), got {self.r!r}")
+        if not _finite_number(self.r) or self.r < 0:
+            raise ValueError(f"r must be a finite number >= 0 (count, or fraction < 1), got {self.r!r}")
         if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+                raise ValueError(f"layers must be a sequence of block indices or None (every block), "
+                                 f"got {self.layers!r}; for one block write ({self.layers!r},)")
             layers = tuple(self.layers)
             if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise ValueError(f"layers must be non-negative block indices, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        if self.preset_layers is not None:
+            if self.preset_layers not in PRESETS:
+                raise ValueError(f"preset_layers must be one of {PRESETS} or None, got {self.preset_layers!r}")
+            if self.layers is not None:
+                raise ValueError("give layers or preset_layers (with layers=None), not both")
         for name in ("tau_sim", "tau_info", "tau_size"):
             tau = getattr(self, name)
-            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
-                raise ValueError(f"{name} must be a number >= 0 (0 disables the criterion), got {tau!r}")
-        if self.one_step_ahead not in (0, 1, 2):
-            raise ValueError(f"one_step_ahead must be 0, 1 or 2, got {self.one_step_ahead!r}")
-        if self.pooling not in (0, 1, 2, 3):
-            raise ValueError(f"pooling must be 0 (size), 1 (attention-and-size), 2 (max) or 3 (mean), got {self.pooling!r}")
-        if isinstance(self.r_teacher_max, bool) or not isinstance(self.r_teacher_max, (int, float)) or self.r_teacher_max < 0:
-            raise ValueError(f"r_teacher_max must be a number >= 0, got {self.r_teacher_max!r}")
+            if not _finite_number(tau) or tau < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (0 disables the criterion), got {tau!r}")
+        # 1.0 == 1: a float would pass a membership test but is not a mode
+        if not _int(self.one_step_ahead) or self.one_step_ahead not in (0, 1, 2):
+            raise ValueError(f"one_step_ahead must be the int 0, 1 or 2, got {self.one_step_ahead!r}")
+        if not _int(self.pooling) or self.pooling not in (0, 1, 2, 3):
+            raise ValueError(f"pooling must be the int 0 (size), 1 (attention-and-size), 2 (max) or 3 (mean), "
+                             f"got {self.pooling!r}")
+        if not _finite_number(self.r_teacher_max) or self.r_teacher_max < 0:
+            raise ValueError(f"r_teacher_max must be a finite number >= 0, got {self.r_teacher_max!r}")
         for name in ("bidirectional", "prop_attn", "trace_source"):
             object.__setattr__(self, name, bool(getattr(self, name)))
 
     @classmethod
-    def preset(cls, name: str, depth: int = 12, **overrides) -> "MCTFConfig":
-        """``"mctf"``: r=16 on every block but the first; ``"mctf-fast"``: r=0.35 on blocks
-        3, 6, 9 (for other depths: every (depth // 4)-th block). ``overrides`` replace fields."""
-        key = name.lower().replace("_", "-")
-        if key == "mctf":
-            base = dict(r=16, layers=tuple(range(1, depth)))
-        elif key == "mctf-fast":
-            step = max(depth // 4, 1)
-            base = dict(r=0.35, layers=tuple(range(step, depth, step)))
-        else:
+    def preset(cls, name: str, depth: Optional[int] = None, **overrides) -> "MCTFConfig":
+        """``"mctf"``: r=16 on every block but the first; ``"mctf-fast"``: r=0.35 on every
+        (depth // 4)-th block (3, 6, 9 of 12). Without ``depth`` the blocks are resolved
+        against the model's depth when it is patched (1..23 on a 24-block ViT-L), as the
+        CLIs do; with it they are fixed now. ``overrides`` replace fields."""
+        key = name.lower().replace("_", "-") if isinstance(name, str) else name
+        if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose 'mctf' or 'mctf-fast'")
+        base = dict(r=16 if key == "mctf" else 0.35)
+        if depth is None:
+            base.update(preset_layers=key, layers=None)
+        else:
+            base["layers"] = _preset_blocks(key, depth)
+        if "layers" in overrides:
+            base["preset_layers"] = None
         base.update(overrides)
         return cls(**base)
 
@@ -101,11 +123,38 @@ class MCTFConfig:
                 self.tau_sim, self.tau_info, self.tau_size, int(self.bidirectional), self.pooling, 0]
 
     def replace(self, **changes) -> "MCTFConfig":
+        if "layers" in changes and "preset_layers" not in changes:
+            changes["preset_layers"] = None  # explicit blocks replace the preset's rule
         return dataclasses.replace(self, **changes)
 
+    def for_depth(self, depth: int) -> "MCTFConfig":
+        """This configuration with its blocks fixed for a ``depth``-block model."""
+        return self.replace(layers=self.active_layers(depth))
+
     def active_layers(self, depth: int) -> Tuple[int, ...]:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        if self.preset_layers is not None:
+            return _preset_blocks(self.preset_layers, depth)
         layers = tuple(range(depth)) if self.layers is None else self.layers
         bad = [i for i in layers if i >= depth]
         if bad:
             raise ValueError(f"layers {bad} do not exist: the model has {depth} blocks (0..{depth - 1})")
         return layers
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _preset_blocks(key: str, depth: int) -> Tuple[int, ...]:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+    if key == "mctf":
+        return tuple(range(1, depth))
+    step = max(depth // 4, 1)
+    return tuple(range(step, depth, step))

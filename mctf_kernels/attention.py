@@ -1,4 +1,9 @@
-"""Attention-side ops of one-step-ahead fusion (docs/algorithm.md, "Scores" and "One-step-ahead attention")."""
+"""Attention-side ops of one-step-ahead fusion (docs/algorithm.md, "One-step-ahead attention").
+
+Query rows are pooled with ``merge``'s rules, degenerate inputs included (docs/algorithm.md,
+"Accepted inputs"): a slot whose weights sum to 0 takes the unweighted mean of its members'
+rows, and a NaN in row q of P reaches only output row ``dest[q]``.
+"""
 from __future__ import annotations
 
 import dataclasses

@@ -7,6 +7,13 @@ Pooling modes (``mode``), weights w_t inside a slot:
   0 size-weighted: w = s;  1 attention-and-size: w = attn_m * s / max(s);
   2 elementwise max;       3 mean: w = 1.
 New sizes are always the slot sums of s.
+
+Defined results for degenerate inputs (docs/algorithm.md, "Accepted inputs"):
+- a slot whose weights sum to exactly 0 (all members received 0.0 attention, or
+  zero sizes) is the unweighted mean of its members, not 0/0;
+- a NaN/inf reaches only the rows that read it: a token's value only its slot's row,
+  a token's weight only its slot's row (the per-image ``max(s)`` of mode 1 ignores NaN:
+  it cancels in the weighted mean and only keeps the weights in range).
 """
 from __future__ import annotations
 
@@ -14,7 +21,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_dest, check_per_token, check_pooling
+from ._checks import check_dest, check_per_token, check_pooling, check_source
+
+# floor of the mode-1 size normaliser (only all-zero sizes reach it)
+EPS = 1e-12
 
 
 def pooling_weights(
@@ -28,7 +38,10 @@ def pooling_weights(
     if mode == 1:
         if attn_received is None:
             raise ValueError("pooling mode 1 (attention-and-size) needs attn_received")
-        return attn_received.to(size.dtype) * (size / size.amax(dim=1, keepdim=True))
+        # the normaliser cancels in the weighted mean: skip NaN (fmax) so one bad size does
+        # not reach the whole image, and floor it so all-zero sizes do not give 0/0
+        smax = size.nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=1, keepdim=True).clamp_min(EPS)
+        return attn_received.to(size.dtype) * (size / smax)
     if mode == 3:
         return torch.ones_like(size)
     return None
@@ -63,9 +76,15 @@ def merge_tokens_reference(
         return segment_max(x, dest, t_out)
     B, T = dest.shape
     acc = torch.promote_types(x.dtype, torch.float32)
-    w = weights.to(acc).view(B, *([1] * (x.dim() - 3)), T, 1)
+    weights = weights.to(acc)
+    den = segment_sum(weights[:, :, None], dest, t_out)[..., 0]
+    # a slot whose weights sum to exactly 0 pools its members unweighted (not 0/0);
+    # other slots keep their weights bit for bit
+    empty = (den == 0).gather(1, dest.long())
+    weights = torch.where(empty, torch.ones_like(weights), weights)
+    den = torch.where(den == 0, segment_sum(empty.to(acc)[:, :, None], dest, t_out)[..., 0], den)
+    w = weights.view(B, *([1] * (x.dim() - 3)), T, 1)
     num = segment_sum(x.to(acc) * w, dest, t_out)
-    den = segment_sum(weights.to(acc)[:, :, None], dest, t_out)
     den = den.view(B, *([1] * (x.dim() - 3)), t_out, 1)
     return (num / den).to(x.dtype)
 
@@ -99,7 +118,6 @@ def merge_reference(
         new_size = segment_sum(size.float()[:, :, None], dest, t_out)[..., 0]
         new_source = None
         if source is not None:
-            if source.dim() != 3 or source.shape[:2] != (B, T):
-                raise ValueError(f"source must have shape (B, T, N) with (B, T) = ({B}, {T}), got {tuple(source.shape)}")
+            check_source(source, B, T, x.device)
             new_source = segment_max(source, dest, t_out)
     return merge_tokens_reference(x, dest, t_out, weights), new_size, new_source

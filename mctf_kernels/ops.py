@@ -1,13 +1,38 @@
-"""Public op API: each op validates its arguments, then runs the backend chosen by
-``dispatch`` (Triton launcher or the eager reference beside it)."""
+"""Public op API. Each op checks its arguments once, here, before dispatch (so neither
+backend repeats the checks), reports the kernels' limits to ``dispatch`` as reasons, then
+runs the chosen backend (Triton launcher or the eager reference beside it).
+
+Structural checks (shapes, dtypes, devices, Python numbers) always run and cost no host
+synchronisation. Value checks (slot ranges, positive sizes, finite inputs) synchronise,
+so they run only with ``validate=True`` or ``MCTF_VALIDATE=1`` (docs/algorithm.md,
+"Accepted inputs"). A batch of 0 images returns empty results on every backend.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import dispatch
-from ._checks import check_dest, check_per_token, check_pooling, check_temperature, check_tokens
+from ._checks import (
+    MATCH_MAX_TOKENS,
+    check_attention,
+    check_count,
+    check_dest,
+    check_dest_values,
+    check_finite,
+    check_heads,
+    check_per_token,
+    check_pooling,
+    check_received,
+    check_same_device_dtype,
+    check_scale,
+    check_sizes_positive,
+    check_source,
+    check_temperature,
+    check_tokens,
+    validation_requested,
+)
 from .attention import (
     FusionAttention,
     attention_received_reference,
@@ -17,6 +42,24 @@ from .attention import (
 )
 from .match import _check_r, match_reference
 from .merge import merge_reference
+
+_MAX_POOLING_REASON = "max pooling (mode 2) forms P' (no fused kernel)"
+
+
+def _interpreter_bf16_reason(device: torch.device, tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
+    """Triton's interpreter computes bf16 ``tl.dot`` wrongly: never run bf16 through it."""
+    if not dispatch.interpreter_enabled():
+        return None
+    bf16 = any(t is not None and t.dtype == torch.bfloat16 for t in tensors)
+    if not bf16 and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        bf16 = torch.get_autocast_dtype(device.type) == torch.bfloat16
+    return "the Triton interpreter (TRITON_INTERPRET=1) computes bf16 dots wrongly" if bf16 else None
+
+
+def _reasons(*reasons: Optional[str]) -> Optional[str]:
+    """Kernel limits for this call, as one reason for dispatch (None: the kernel can run)."""
+    given = [r for r in reasons if r]
+    return "; ".join(given) if given else None
 
 
 def match(
@@ -30,20 +73,33 @@ def match(
     tau_size: float = 40.0,
     num_protected: int = 1,
     bidirectional: bool = True,
+    validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """Multi-criteria score + bipartite matching. Returns the slot map ``dest`` (B, T)
-    int64; the fused output has ``T - r`` tokens (``r`` as from ``tokens_to_remove``)."""
+    int64; the fused output has ``T - r`` tokens (``r`` as from ``tokens_to_remove``).
+
+    ``validate`` (default ``$MCTF_VALIDATE``): also check that ``x``, ``attn_received``
+    and ``size`` are finite and sizes positive (a host sync). See docs/algorithm.md,
+    "Accepted inputs".
+    """
     check_tokens("x", x)
     B, T, _ = x.shape
+    check_count("num_protected", num_protected, 0, T)
     _check_r(r, T, num_protected)
     check_per_token("attn_received", attn_received, B, T, x.device)
     check_per_token("size", size, B, T, x.device)
     for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
         check_temperature(name, tau)
+    if validation_requested(validate):
+        check_finite("x", x)
+        check_received("attn_received", attn_received)
+        check_sizes_positive("size", size)
     kwargs = dict(tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
                   num_protected=num_protected, bidirectional=bool(bidirectional))
-    launcher = dispatch.select("match", x.device)
-    if launcher is None:
+    limit = f"the Triton match kernel takes T <= {MATCH_MAX_TOKENS} tokens, got T={T}" if T > MATCH_MAX_TOKENS else None
+    launcher = dispatch.select(
+        "match", x.device, _reasons(limit, _interpreter_bf16_reason(x.device, (x, attn_received, size))))
+    if launcher is None or B == 0:  # no image: the reference's empty map, on every backend
         return match_reference(x, r, attn_received, size, **kwargs)
     return launcher(x, r, attn_received, size, **kwargs)
 
@@ -57,9 +113,17 @@ def merge(
     *,
     mode: int = 1,
     source: Optional[torch.Tensor] = None,
+    validate: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Pool tokens sharing a slot. Returns (x' (B, T', C), size' (B, T') float32,
-    source' (B, T', N) or None). ``size=None`` means all ones."""
+    source' (B, T', N) or None). ``size=None`` means all ones.
+
+    A slot whose pooling weights sum to exactly 0 (e.g. every member received 0.0
+    attention) is the unweighted mean of its members; a NaN or inf in a token reaches
+    only its own slot's row (docs/algorithm.md, "Accepted inputs"). ``validate``
+    (default ``$MCTF_VALIDATE``): also check ``dest``'s values (in [0, t_out), every slot
+    used), positive sizes and finite inputs (a host sync).
+    """
     check_tokens("x", x)
     B, T, _ = x.shape
     check_dest(dest, B, T, t_out, x.device)
@@ -68,20 +132,42 @@ def merge(
     check_pooling(mode)
     if mode == 1 and attn_received is None:
         raise ValueError("merge mode 1 (attention-and-size pooling) needs attn_received")
-    launcher = dispatch.select("merge", x.device)
-    if launcher is None:
+    check_source(source, B, T, x.device)
+    if validation_requested(validate):
+        check_dest_values(dest, t_out)
+        check_finite("x", x)
+        check_sizes_positive("size", size)
+        check_received("attn_received", attn_received)
+    launcher = dispatch.select("merge", x.device, _interpreter_bf16_reason(x.device, (x, size, attn_received, source)))
+    if launcher is None or B == 0:
         return merge_reference(x, dest, t_out, size, attn_received, mode=mode, source=source)
     return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source)
 
 
-def attention_received(attn: torch.Tensor) -> torch.Tensor:
+def attention_received(attn: torch.Tensor, *, validate: Optional[bool] = None) -> torch.Tensor:
     """Mean attention each key receives over heads and queries: (B, H, T, T) -> (B, T) float32."""
-    if not isinstance(attn, torch.Tensor) or attn.dim() != 4:
-        raise ValueError(f"attn must be a tensor of shape (B, H, T, T), got {getattr(attn, 'shape', attn)!r}")
-    launcher = dispatch.select("attention_received", attn.device)
-    if launcher is None:
+    check_attention("attn", attn)
+    if validation_requested(validate):
+        check_finite("attn", attn)
+    launcher = dispatch.select("attention_received", attn.device, _interpreter_bf16_reason(attn.device, (attn,)))
+    if launcher is None or attn.shape[0] == 0:
         return attention_received_reference(attn)
     return launcher(attn)
+
+
+def _check_output_args(B: int, H: int, T: int, v, dest, t_out, size, attn_received, mode, device) -> None:
+    """Arguments of the two P' @ V' ops (from P, or from q and k)."""
+    check_heads("v", v)
+    check_dest(dest, B, T, t_out, device)
+    if tuple(v.shape[:3]) != (B, H, t_out):
+        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"v is on {v.device} but the attention is on {device}")
+    check_per_token("size", size, B, T, device)
+    check_per_token("attn_received", attn_received, B, T, device)
+    check_pooling(mode)
+    if mode == 1 and attn_received is None:
+        raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
 
 
 def fused_attention_output(
@@ -93,17 +179,30 @@ def fused_attention_output(
     attn_received: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """One-step-ahead attention output P' @ V' (B, H, T', D) without forming P'
-    (except max pooling, whose P' does not factor)."""
-    if not isinstance(attn, torch.Tensor) or attn.dim() != 4:
-        raise ValueError(f"attn must be a tensor of shape (B, H, T, T), got {getattr(attn, 'shape', attn)!r}")
-    check_pooling(mode)
-    if mode == 1 and attn_received is None:
-        raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
-    extra = "max pooling forms P' (no fused kernel)" if mode == 2 else None
-    launcher = dispatch.select("fused_attention_output", attn.device, extra if dispatch.get_backend() != "reference" else None)
-    if launcher is None:
+    (except max pooling, whose P' does not factor).
+
+    Query rows are pooled as ``merge`` pools tokens: a slot whose weights sum to 0 takes
+    the unweighted mean of its members' rows; a NaN in row q of P reaches only output row
+    ``dest[q]`` (a NaN in V' reaches every row: every query reads every value).
+    ``validate`` (default ``$MCTF_VALIDATE``): also check ``dest``'s values, positive
+    sizes and finite inputs (a host sync). See docs/algorithm.md, "Accepted inputs".
+    """
+    check_attention("attn", attn)
+    B, H, T, _ = attn.shape
+    _check_output_args(B, H, T, v, dest, t_out, size, attn_received, mode, attn.device)
+    if validation_requested(validate):
+        check_dest_values(dest, t_out)
+        check_finite("attn", attn)
+        check_finite("v", v)
+        check_sizes_positive("size", size)
+        check_received("attn_received", attn_received)
+    reason = _reasons(_MAX_POOLING_REASON if mode == 2 else None,
+                      _interpreter_bf16_reason(attn.device, (attn, v, size, attn_received)))
+    launcher = dispatch.select("fused_attention_output", attn.device, reason)
+    if launcher is None or B == 0:
         return fused_attention_output_reference(attn, v, dest, t_out, size, attn_received, mode=mode)
     return launcher(attn, v, dest, t_out, size, attn_received, mode=mode)
 
@@ -115,29 +214,33 @@ def fusion_attention(
     scale: float,
     log_size: Optional[torch.Tensor] = None,
     mode: int = 1,
+    validate: Optional[bool] = None,
 ) -> FusionAttention:
     """The attention of a one-step-ahead block before fusion: softmax(q k^T * scale [+ log s]).
 
     Returns a ``FusionAttention`` whose ``received`` (B, T) drives matching; pass it to
     ``fused_attention_output_from`` after merging. The Triton path keeps only q, k and
     per-query log-sum-exps (flash-style); the reference forms P. ``mode`` is the pooling
-    mode the output will use (max pooling needs P formed).
+    mode the output will use (max pooling needs P formed). ``validate`` (default
+    ``$MCTF_VALIDATE``): also check that q, k and log_size are finite (a host sync).
     """
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a tensor of shape (B, H, T, D), got {getattr(t, 'shape', t)!r}")
+    check_heads("q", q)
+    check_heads("k", k)
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.device != k.device:
-        raise ValueError(f"q is on {q.device} but k is on {k.device}")
+    check_same_device_dtype("k", k, "q", q)
     B, _, T, _ = q.shape
     check_per_token("log_size", log_size, B, T, q.device)
     check_pooling(mode)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
-    extra = "max pooling forms P' (no fused kernel)" if mode == 2 else None
-    launcher = dispatch.select("fusion_attention", q.device, extra if dispatch.get_backend() != "reference" else None)
-    if launcher is None:
+    check_scale(scale)
+    if validation_requested(validate):
+        check_finite("q", q)
+        check_finite("k", k)
+        check_finite("log_size", log_size)
+    reason = _reasons(_MAX_POOLING_REASON if mode == 2 else None,
+                      _interpreter_bf16_reason(q.device, (q, k, log_size)))
+    launcher = dispatch.select("fusion_attention", q.device, reason)
+    if launcher is None or B == 0:
         return fusion_attention_reference(q, k, scale=float(scale), log_size=log_size)
     return launcher(q, k, scale=float(scale), log_size=log_size)
 
@@ -150,18 +253,23 @@ def fused_attention_output_from(
     size: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    validate: Optional[bool] = None,
 ) -> torch.Tensor:
-    """One-step-ahead output P' @ V' (B, H, T', D) from ``fusion_attention``'s result."""
+    """One-step-ahead output P' @ V' (B, H, T', D) from ``fusion_attention``'s result,
+    with ``fused_attention_output``'s pooling, zero-weight and NaN rules."""
     if not isinstance(att, FusionAttention):
         raise TypeError(f"att must be the FusionAttention from fusion_attention, got {type(att).__name__}")
     if att.probs is not None:
-        return fused_attention_output(att.probs, v, dest, t_out, size, att.received, mode=mode)
-    check_pooling(mode)
+        return fused_attention_output(att.probs, v, dest, t_out, size, att.received, mode=mode, validate=validate)
     B, H, T, _ = att.q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
-        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
-    check_dest(dest, B, T, t_out, v.device)
-    launcher = dispatch.select("fused_attention_output_qk", v.device)
+    _check_output_args(B, H, T, v, dest, t_out, size, att.received, mode, att.q.device)
+    if validation_requested(validate):
+        check_dest_values(dest, t_out)
+        check_finite("v", v)
+        check_sizes_positive("size", size)
+    reason = _reasons(_MAX_POOLING_REASON if mode == 2 else None,
+                      _interpreter_bf16_reason(v.device, (att.q, att.k, v, size)))
+    launcher = dispatch.select("fused_attention_output_qk", v.device, reason)
     args = (att.q, att.k, att.lse, att.log_size, att.scale, v, dest, t_out, size, att.received)
     if launcher is None:
         return fused_attention_output_qk_reference(*args, mode=mode)

@@ -5,6 +5,7 @@ known before any data is seen, so shapes stay static (CUDA graphs, torch.compile
 """
 from __future__ import annotations
 
+import math
 from typing import Union
 
 Number = Union[int, float]
@@ -22,8 +23,11 @@ def tokens_to_remove(num_tokens: int, r: Number, num_protected: int = 1) -> int:
     """
     if isinstance(r, bool) or not isinstance(r, (int, float)):
         raise TypeError(f"r must be an int or float, got {type(r).__name__}")
-    if r < 0:
-        raise ValueError(f"r must be >= 0, got {r}")
+    if not math.isfinite(r) or r < 0:
+        raise ValueError(f"r must be >= 0 and finite, got {r}")
+    for name, value in (("num_tokens", num_tokens), ("num_protected", num_protected)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     if num_protected < 0 or num_protected > num_tokens:

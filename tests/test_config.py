@@ -6,8 +6,9 @@ from mctf import MCTFConfig
 
 def test_presets_follow_the_paper():
     assert MCTFConfig.preset("mctf").to_mctf_type() == [16, 0, 0, 1, 1, 1, 20, 40, 1, 1, 0]
-    assert MCTFConfig.preset("mctf").layers == tuple(range(1, 12))
-    fast = MCTFConfig.preset("mctf-fast")
+    assert MCTFConfig.preset("mctf").active_layers(12) == tuple(range(1, 12))
+    assert MCTFConfig.preset("mctf", depth=12).layers == tuple(range(1, 12))
+    fast = MCTFConfig.preset("mctf-fast", depth=12)
     assert fast.to_mctf_type() == [0.35, 0, 0, 1, 1, 1, 20, 40, 1, 1, 0]
     assert fast.layers == (3, 6, 9)
     assert MCTFConfig.preset("mctf", depth=24).layers == tuple(range(1, 24))
@@ -27,10 +28,32 @@ def test_mctf_type_round_trip():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(r=-1), "r must be"), (dict(pooling=4), "pooling"), (dict(one_step_ahead=3), "one_step_ahead"),
     (dict(tau_sim=-1), "tau_sim"), (dict(layers=(-1,)), "layers"), (dict(r="16"), "r must be"),
+    # issue 9, "accepted nonsense"
+    (dict(r=float("nan")), "r must be"), (dict(r=float("inf")), "r must be"),
+    (dict(layers=5), r"layers must be a sequence.*\(5,\)"), (dict(layers="123"), "layers must be a sequence"),
+    (dict(tau_info=float("nan")), "tau_info"), (dict(tau_size=float("inf")), "tau_size"),
+    (dict(pooling=1.0), "pooling"), (dict(one_step_ahead=1.0), "one_step_ahead"),
+    (dict(r_teacher_max=float("nan")), "r_teacher_max"), (dict(preset_layers="tome"), "preset_layers"),
+    (dict(layers=(1, 2), preset_layers="mctf"), "not both"),
 ])
 def test_invalid_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MCTFConfig(**kwargs)
+
+
+def test_presets_follow_the_model_depth():
+    """A preset made without depth resolves its blocks when patched, as the CLIs do."""
+    for depth in (4, 16, 24):
+        assert MCTFConfig.preset("mctf").for_depth(depth).layers == tuple(range(1, depth))
+        assert MCTFConfig.preset("mctf").for_depth(depth) == MCTFConfig.preset("mctf", depth=depth)
+        assert MCTFConfig.preset("mctf-fast").for_depth(depth) == MCTFConfig.preset("mctf-fast", depth=depth)
+    assert MCTFConfig.preset("mctf-fast").active_layers(24) == (6, 12, 18)
+    # explicit blocks replace the preset's rule, in preset() and in replace()
+    assert MCTFConfig.preset("mctf", layers=(2,)).active_layers(24) == (2,)
+    assert MCTFConfig.preset("mctf").replace(layers=(3,)).active_layers(24) == (3,)
+    assert MCTFConfig.preset("mctf").replace(r=8).active_layers(24) == tuple(range(1, 24))
+    with pytest.raises(ValueError, match="depth"):
+        MCTFConfig.preset("mctf").active_layers(0)
 
 
 def test_bad_preset_and_list():

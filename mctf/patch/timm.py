@@ -34,7 +34,8 @@ class UnsupportedModelError(TypeError):
 def _heads(attn: TimmAttention, x: torch.Tensor):
     """q, k, v of shape (B, H, T, D) with timm's q/k norms applied."""
     B, T, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    # explicit head_dim, not -1: -1 is ambiguous for an empty batch
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
@@ -45,7 +46,7 @@ def _queries_keys(attn: TimmAttention, x: torch.Tensor):
     B, T, _ = x.shape
     n = attn.qkv.out_features // 3
     bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * n]
-    qk = F.linear(x, attn.qkv.weight[: 2 * n], bias).reshape(B, T, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    qk = F.linear(x, attn.qkv.weight[: 2 * n], bias).reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = qk.unbind(0)
     return attn.q_norm(q), attn.k_norm(k)
 
@@ -56,7 +57,7 @@ def _values(attn: TimmAttention, x: torch.Tensor) -> torch.Tensor:
     n = attn.qkv.out_features // 3
     weight = attn.qkv.weight[2 * n:]
     bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * n:]
-    return F.linear(x, weight, bias).reshape(B, T, attn.num_heads, -1).transpose(1, 2)
+    return F.linear(x, weight, bias).reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
 def _output(attn: TimmAttention, heads: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ def _attention(attn: TimmAttention, x: torch.Tensor, size: Optional[torch.Tensor
 
 
 class MCTFBlock(TimmBlock):
-    """timm Block whose forward fuses tokens where the config says so (SPEC section 6)."""
+    """timm Block whose forward fuses tokens where the config says so (docs/algorithm.md, "One-step-ahead attention")."""
 
     _mctf_index: int
     _mctf_state: MCTFState
@@ -175,38 +176,98 @@ class MCTFBlock(TimmBlock):
 # ---------------------------------------------------------------------------
 # the patched model
 
-_PATCHED_CLASSES: dict = {}
+class MCTFModel:
+    """What a patched timm VisionTransformer adds: every entry point (``forward``,
+    ``forward_features``, ``forward_intermediates``) starts a fresh MCTF state, and
+    ``forward_head`` pools by token size. Mixed in before the original class, so
+    ``super()`` is timm's method. Instances pickle (``torch.save(model)``) as
+    "this mixin over that timm class", which any process with mctf can rebuild."""
+
+    _mctf_original_class: type
+    mctf_state: MCTFState
+
+    def forward(self, *args, **kwargs):
+        self.mctf_state.reset()
+        return super().forward(*args, **kwargs)
+
+    def forward_features(self, *args, **kwargs):
+        # timm's forward calls this too; resetting twice in one forward is harmless
+        self.mctf_state.reset()
+        return super().forward_features(*args, **kwargs)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, *args, **kwargs):
+        self.mctf_state.reset()
+        # timm's order after indices: return_prefix_tokens, norm, stop_early, output_fmt
+        output_fmt = kwargs.get("output_fmt", args[3] if len(args) > 3 else "NCHW")
+        if output_fmt == "NCHW":
+            self._check_grid_intermediates(x, indices)
+        return super().forward_intermediates(x, indices, *args, **kwargs)
+
+    def _check_grid_intermediates(self, x: torch.Tensor, indices) -> None:
+        """A fused token set is not an H x W grid: name the option that works instead."""
+        from timm.models._features import feature_take_indices
+
+        take, _ = feature_take_indices(len(self.blocks), indices)
+        h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        tokens = h * w + self.num_prefix_tokens
+        planned = self.mctf_state.planned_tokens(tokens)
+        fused = [i for i in take if planned[i] != tokens]
+        if fused:
+            raise ValueError(
+                f"output_fmt='NCHW' needs an H x W token grid, but MCTF has fused tokens by blocks {fused}; "
+                f"use output_fmt='NLC' (tokens in order, sizes in model.mctf_state) or earlier indices"
+            )
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average pooling weighted by token size: each token counts as the patches it holds."""
+        if self.global_pool != "avg" or getattr(self, "attn_pool", None) is not None:
+            return super().forward_head(x, pre_logits=pre_logits)
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        tokens = x[:, start:]
+        size = self.mctf_state.size
+        if size is None or size.shape[:2] != x.shape[:2]:
+            if size is not None:
+                raise ValueError(f"forward_head got {tuple(x.shape[:2])} tokens but the last MCTF forward left sizes "
+                                 f"{tuple(size.shape)}: pass the output of this model's last forward_features")
+            pooled = tokens.mean(dim=1)
+        else:
+            w = size[:, start:].to(tokens.dtype)[..., None]
+            pooled = (tokens * w).sum(dim=1) / w.sum(dim=1)
+        pooled = self.fc_norm(pooled)
+        pooled = self.head_drop(pooled)
+        return pooled if pre_logits else self.head(pooled)
+
+    def __reduce_ex__(self, protocol):
+        # the class is made per timm class at patch time; pickle the recipe, not its name
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_patched, (self._mctf_original_class,)) + tuple(reduced[2:])
 
 
-def _mctf_forward(self, *args, **kwargs):
-    self.mctf_state.reset()
-    return self._mctf_original_class.forward(self, *args, **kwargs)
+class MCTFVisionTransformer(MCTFModel, TimmVisionTransformer):
+    """A patched timm ``VisionTransformer`` (DeiT, ViT, DeiT-3, register models)."""
+
+    _mctf_original_class = TimmVisionTransformer
 
 
-def _mctf_forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-    """Average pooling weighted by token size: each token counts as the patches it holds."""
-    if self.global_pool != "avg" or getattr(self, "attn_pool", None) is not None:
-        return self._mctf_original_class.forward_head(self, x, pre_logits=pre_logits)
-    start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-    tokens = x[:, start:]
-    size = self.mctf_state.size
-    if size is None:
-        pooled = tokens.mean(dim=1)
-    else:
-        w = size[:, start:].to(tokens.dtype)[..., None]
-        pooled = (tokens * w).sum(dim=1) / w.sum(dim=1)
-    pooled = self.fc_norm(pooled)
-    pooled = self.head_drop(pooled)
-    return pooled if pre_logits else self.head(pooled)
+_PATCHED_CLASSES: dict = {TimmVisionTransformer: MCTFVisionTransformer}
 
 
 def _patched_class(cls: type) -> type:
+    """``MCTFVisionTransformer`` for timm's class, and one class per subclass (e.g. the
+    distilled DeiT), made once and named ``MCTF<name>`` in this module."""
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(
-            f"MCTF{cls.__name__}", (cls,),
-            {"forward": _mctf_forward, "forward_head": _mctf_forward_head, "_mctf_original_class": cls},
-        )
+        name = f"MCTF{cls.__name__}"
+        _PATCHED_CLASSES[cls] = type(name, (MCTFModel, cls), {
+            "_mctf_original_class": cls, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"A patched timm ``{cls.__name__}``.",
+        })
     return _PATCHED_CLASSES[cls]
+
+
+def _new_patched(original: type):
+    """Unpickling: an empty instance of ``original``'s patched class (state set after)."""
+    cls = _patched_class(original)
+    return cls.__new__(cls)
 
 
 def _check_supported(model) -> None:
@@ -235,14 +296,17 @@ def _check_supported(model) -> None:
 def patch_timm(model, config: Optional[MCTFConfig] = None):
     """Patch ``model`` (a timm VisionTransformer) in place for MCTF and return it.
 
-    Patching an already patched model replaces its configuration.
+    Patching an already patched model replaces its configuration. ``model.mctf_config``
+    is ``config`` with its blocks fixed for this model's depth (a preset made without
+    ``depth`` fuses 1..depth-1, or every (depth // 4)-th block for "mctf-fast").
     """
     config = MCTFConfig() if config is None else config
     if not isinstance(config, MCTFConfig):
         raise TypeError(f"config must be an mctf.MCTFConfig, got {type(config).__name__}")
     _check_supported(model)
     depth = len(model.blocks)
-    active = frozenset(config.active_layers(depth))
+    config = config.for_depth(depth)  # a preset's blocks follow this model's depth
+    active = frozenset(config.layers)
     state = MCTFState(config=config, num_protected=model.num_prefix_tokens, depth=depth, active=active)
     original = getattr(model, "_mctf_original_class", type(model))
     model.__class__ = _patched_class(original)
