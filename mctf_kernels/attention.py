@@ -1,4 +1,4 @@
-"""Attention-side ops of one-step-ahead fusion (SPEC sections 3 and 6)."""
+"""Attention-side ops of one-step-ahead fusion (docs/algorithm.md, "One-step-ahead attention")."""
 from __future__ import annotations
 
 import dataclasses

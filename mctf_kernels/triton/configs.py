@@ -11,6 +11,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+import triton
 
 _forced_gpu = 0
 
@@ -38,3 +39,36 @@ def gpu_configs(device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------- attention
+# Query tiles are 64 rows (one Hopper warpgroup MMA of M = 64). Both kernels keep
+# their fp32 tiles in registers; the block sizes below keep them spill-free on sm_90
+# (checked by compiling for sm_90: see the attention kernels' docstrings).
+
+#: largest key row the received kernel holds on chip in one tile (one q.k^T pass)
+ATTENTION_ONE_TILE_MAX_T = 256
+
+
+def attention_received_qk_config(T: int, D: int, gpu: bool) -> dict:
+    """``_attention_lse_received_kernel``: queries per program, keys per tile, head-dim
+    block, warps, and whether the whole key row is one tile (T <= 256: q.k^T once)."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if not gpu:  # interpreter: fewest, largest programs
+        block_n = max(16, min(triton.next_power_of_2(T), 1024))
+        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=T <= block_n, num_warps=4)
+    if T <= ATTENTION_ONE_TILE_MAX_T and block_d <= 128:
+        block_n = max(16, triton.next_power_of_2(T))
+        return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=True,
+                    num_warps=8 if block_n > 128 else 4)
+    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_D=block_d, ONE_TILE=False,
+                num_warps=4 if block_d <= 64 else 8)
+
+
+def attention_output_config(D: int, D_QK: int, gpu: bool) -> dict:
+    """``_fused_attention_output_kernel``: query rows per tile (in slot order), keys per
+    step, head-dim blocks, the block of the size-max scan, warps."""
+    block_d = max(16, triton.next_power_of_2(D))
+    block_dk = max(16, triton.next_power_of_2(D_QK))
+    if not gpu:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=1024, num_warps=4)
+    wide = max(block_d, block_dk) > 64
+    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256,
+                num_warps=8 if wide else 4)
