@@ -41,15 +41,16 @@ def _attention_received_kernel(
 
 @triton.jit
 def _slot_rows(pos, m_end, order_row, d_row, stride_dt, starts_row, T, T_out):
-    """For query positions ``pos`` in slot order: the token, its slot, whether it counts
-    (inside [.., m_end) with a slot in [0, T')), and whether it is its slot's first member.
-    Every index is clamped: no ``order`` / ``dest`` / ``starts`` value reads out of bounds."""
+    """For query positions ``pos`` (int32) in slot order: the token, its slot, whether it
+    counts (inside [.., m_end) with a slot in [0, T')), and whether it is its slot's first
+    member. Every index is clamped: no ``order`` / ``dest`` / ``starts`` value reads out
+    of bounds. int32 indices: half the registers of int64 (T < 2**31)."""
     in_rows = pos < m_end
     tok = tl.load(order_row + pos, mask=in_rows, other=0)
-    tok = tl.minimum(tl.maximum(tok, 0), T - 1)
-    slot = tl.load(d_row + tok * stride_dt, mask=in_rows, other=-1).to(tl.int64)
+    tok = tl.minimum(tl.maximum(tok, 0), T - 1).to(tl.int32)
+    slot = tl.load(d_row + tok * stride_dt, mask=in_rows, other=-1)
     valid = in_rows & (slot >= 0) & (slot < T_out)
-    slot = tl.where(valid, slot, 0)
+    slot = tl.where(valid, slot, 0).to(tl.int32)
     first = tl.load(starts_row + slot, mask=valid, other=-1)
     return tok, slot, valid, valid & (first == pos)
 
@@ -73,6 +74,51 @@ def _pool_weights(tok, valid, b, size_ptr, stride_sb, stride_st, attn_m_ptr, str
     else:
         w = tl.full(tok.shape, 1.0, tl.float32)
     return tl.where(valid, w, 0.0)
+
+
+@triton.jit
+def _rows_times_values(
+    tok, wn, owned, b, h,
+    p_row, stride_aq, stride_ak,
+    q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
+    lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
+    v_row, stride_vt, stride_vd, d_row, stride_dt,
+    T, T_out, D, D_QK,
+    FROM_QK: tl.constexpr, HAS_LOG_SIZE: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
+    """(wn * P[tok, :]) @ V'[dest[:]] for BLOCK_M query rows, flash-style over key tiles:
+    (BLOCK_M, BLOCK_D) in ACC_DTYPE. P is scaled by the row weights before it is rounded
+    to V's dtype; rows not ``owned`` are zero."""
+    v_dtype = v_row.dtype.element_ty
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    if FROM_QK:
+        offs_dk = tl.arange(0, BLOCK_DK)
+        qs = scaled_queries(q_row, tok, owned, stride_qt, stride_qd, offs_dk, offs_dk < D_QK, scale)
+        lse = tl.load(lse_ptr + b * stride_eb + h * stride_eh + tok * stride_et, mask=owned, other=0.0)
+    o = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    for k0 in range(0, T, BLOCK_N):
+        offs_k = k0 + tl.arange(0, BLOCK_N)
+        mask_k = offs_k < T
+        if FROM_QK:  # P tile = exp(s - lse); keys past T have s = -inf
+            kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_dk, offs_dk < D_QK)
+            logits = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
+            p = tl.exp(logits - lse[:, None])
+        else:
+            # The reference multiplies attn.to(v.dtype) @ v: round P to V's dtype first.
+            p = tl.load(p_row + tok[:, None] * stride_aq + offs_k[None, :] * stride_ak,
+                        mask=owned[:, None] & mask_k[None, :], other=0.0).to(v_dtype).to(ACC_DTYPE)
+        p = tl.where(owned[:, None], p * wn[:, None], 0.0)
+        # Keys whose slot is outside [0, T') contribute nothing (and read nothing).
+        kd = tl.load(d_row + offs_k * stride_dt, mask=mask_k, other=-1)
+        mask_v = mask_k & (kd >= 0) & (kd < T_out)
+        kd = tl.where(mask_v, kd, 0).to(tl.int32)
+        vt = tl.load(v_row + kd[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                     mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        o = tl.dot(p.to(v_dtype), vt, o, input_precision=PV_PRECISION)
+    return o
 
 
 @triton.jit
@@ -106,13 +152,13 @@ def _fused_attention_output_kernel(
 ):
     # Program (b, h, tile) takes the query rows at positions [row0, row0 + BLOCK_M) of
     # the slot order and owns the slots whose first member lies there (at most BLOCK_M).
-    # Its last slot may run past the tile: those members are one more (rare) step.
-    # Each owned slot j gets   out_j = sum_m sel[j, m] * (w_m / den_j) * P[q_m, :] @ V'[dest]
-    # with sel the 0/1 map of rows to owned slots: weights are folded into P before P
-    # is rounded to V's dtype (w / den <= 1, so no underflow), and the row merge is a
-    # 0/1 dot that is exact in any dtype.
+    # Owned slot j gets  out_j = sum_m sel[j, m] * (w_m / den_j) * P[q_m, :] @ V'[dest]:
+    # the weights are folded into P before P is rounded to V's dtype (w / den <= 1: no
+    # underflow) and the row merge is a 0/1 dot, exact in any dtype. The last owned
+    # slot may run past the tile; its further members (rare: a tile boundary inside a
+    # multi-member slot) are summed into that one row in extra steps.
     bh = tl.program_id(0).to(tl.int64)
-    tb = tl.program_id(1).to(tl.int64)
+    tb = tl.program_id(1)
     b = bh // H
     h = bh % H
     row0 = tb * BLOCK_M
@@ -133,101 +179,98 @@ def _fused_attention_output_kernel(
                 mx = tl.maximum(mx, sz.to(tl.float32))
             smax = tl.max(mx, axis=0)
 
-    # The member range: past the tile only when the tile's last row starts or continues
-    # a slot owned here.
-    _t, slot_last, valid_last, _f = _slot_rows(tile_end - 1 + tl.zeros([1], tl.int64), T, order_row, d_row,
+    # The member range: past the tile only when the tile's last row is in a slot owned here.
+    _t, slot_last, valid_last, _f = _slot_rows(tile_end - 1 + tl.zeros([1], tl.int32), T, order_row, d_row,
                                                stride_dt, starts_row, T, T_out)
     last_start = tl.load(starts_row + slot_last, mask=valid_last, other=-1)
-    last_end = tl.load(starts_row + slot_last + 1, mask=valid_last, other=0)
+    last_end = tl.load(starts_row + slot_last + 1, mask=valid_last, other=0).to(tl.int32)
     last_end = tl.minimum(tl.maximum(last_end, tile_end), T)
     m_end = tl.max(tl.where(valid_last & (last_start >= row0), last_end, tile_end), axis=0)
+    overhang = m_end > tile_end
 
-    offs_j = tl.arange(0, BLOCK_M)  # owned slot, local index
-    offs_r = tl.arange(0, BLOCK_M)  # row in a step
+    offs_j = tl.arange(0, BLOCK_M)  # owned slot (local index); also the row in a step
 
     # Pass 1 (indices and weights only): each owned slot's id and weight sum.
     den = tl.zeros([BLOCK_M], ACC_DTYPE)
-    slot_of = tl.full([BLOCK_M], -1, tl.int64)
-    carry = 0
+    slot_of = tl.full([BLOCK_M], -1, tl.int32)
+    n_owned = 0
     for m0 in range(row0, m_end, BLOCK_M):
-        pos = m0 + offs_r
-        tok, slot, valid, first = _slot_rows(pos, m_end, order_row, d_row, stride_dt, starts_row, T, T_out)
-        local = carry + tl.cumsum(first.to(tl.int32), axis=0) - 1
+        tok, slot, valid, first = _slot_rows(m0 + offs_j, m_end, order_row, d_row, stride_dt, starts_row, T, T_out)
+        local = n_owned + tl.cumsum(first.to(tl.int32), axis=0) - 1
         owned = valid & (local >= 0)
         sel = (local[None, :] == offs_j[:, None]) & owned[None, :]
         w = _pool_weights(tok, owned, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
                           MODE, HAS_SIZE)
         den += tl.sum(tl.where(sel, w.to(ACC_DTYPE)[None, :], 0.0), axis=1)
         slot_of = tl.maximum(slot_of, tl.max(tl.where(sel, slot[None, :], -1), axis=1))
-        carry += tl.sum(first.to(tl.int32), axis=0)
+        n_owned += tl.sum(first.to(tl.int32), axis=0)
+    last = n_owned - 1
 
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_dk = tl.arange(0, BLOCK_DK)
-    mask_dk = offs_dk < D_QK
     p_row = attn_ptr + b * stride_ab + h * stride_ah
     v_row = v_ptr + b * stride_vb + h * stride_vh
     q_row = q_ptr + b * stride_qb + h * stride_qh
     k_row = k_ptr + b * stride_kb + h * stride_kh
     logs_row = logs_ptr + b * stride_lb
-
-    # Pass 2: flash-style P @ V'[dest] for the rows, pooled into the owned slots.
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-    carry = 0
-    for m0 in range(row0, m_end, BLOCK_M):
-        pos = m0 + offs_r
-        tok, slot, valid, first = _slot_rows(pos, m_end, order_row, d_row, stride_dt, starts_row, T, T_out)
-        local = carry + tl.cumsum(first.to(tl.int32), axis=0) - 1
-        owned = valid & (local >= 0)
-        sel = (local[None, :] == offs_j[:, None]) & owned[None, :]
-        carry += tl.sum(first.to(tl.int32), axis=0)
-        w = _pool_weights(tok, owned, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
-                          MODE, HAS_SIZE)
-        den_m = tl.sum(tl.where(sel, den[:, None], 0.0), axis=0)
-        # A slot whose weights sum to 0 gets NaN below (as the reference's 0/0); its
-        # rows contribute 0 here so no NaN reaches the other slots through the dot.
-        wn = tl.where(owned & (den_m > 0), w.to(ACC_DTYPE) / tl.where(den_m > 0, den_m, 1.0), 0.0)
-
-        if FROM_QK:
-            qs = scaled_queries(q_row, tok, owned, stride_qt, stride_qd, offs_dk, mask_dk, scale)
-            lse = tl.load(lse_ptr + b * stride_eb + h * stride_eh + tok * stride_et, mask=owned, other=0.0)
-        o = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-        for k0 in range(0, T, BLOCK_N):
-            offs_k = k0 + tl.arange(0, BLOCK_N)
-            mask_k = offs_k < T
-            if FROM_QK:  # P tile = exp(s - lse); keys past T have s = -inf
-                kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_dk, mask_dk)
-                logits = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE),
-                                     QK_PRECISION)
-                p = tl.exp(logits - lse.to(tl.float32)[:, None])
-            else:
-                # The reference multiplies attn.to(v.dtype) @ v: round P to V's dtype first.
-                p = tl.load(p_row + tok[:, None] * stride_aq + offs_k[None, :] * stride_ak,
-                            mask=owned[:, None] & mask_k[None, :], other=0.0).to(v_dtype).to(ACC_DTYPE)
-            p = tl.where(owned[:, None], p * wn[:, None], 0.0)
-            # Keys whose slot is outside [0, T') contribute nothing (and read nothing).
-            kd = tl.load(d_row + offs_k * stride_dt, mask=mask_k, other=-1).to(tl.int64)
-            mask_v = mask_k & (kd >= 0) & (kd < T_out)
-            vt = tl.load(v_row + tl.where(mask_v, kd, 0)[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                         mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-            o = tl.dot(p.to(v_dtype), vt, o, input_precision=PV_PRECISION)
-        acc = tl.dot(sel.to(v_dtype), o.to(v_dtype), acc, input_precision=PV_PRECISION)
-
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
     has_slot = slot_of >= 0
-    out = tl.where((den > 0)[:, None], acc, float("nan"))  # all-zero weights: 0/0, as the reference
+
+    # Pass 2, the tile's rows: flash-style P @ V'[dest], pooled into the owned slots.
+    tok, slot, valid, first = _slot_rows(row0 + offs_j, tile_end, order_row, d_row, stride_dt, starts_row, T, T_out)
+    local = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    owned = valid & (local >= 0)
+    w = _pool_weights(tok, owned, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
+                      MODE, HAS_SIZE)
+    den_m = tl.sum(tl.where(local[None, :] == offs_j[:, None], den[:, None], 0.0), axis=0)
+    # A slot whose weights sum to 0 gets NaN below (as the reference's 0/0); its rows
+    # contribute 0 here so no NaN reaches the other slots through the dot.
+    wn = tl.where(owned & (den_m > 0), w.to(ACC_DTYPE) / tl.where(den_m > 0, den_m, 1.0), 0.0)
+    o = _rows_times_values(tok, wn, owned, b, h, p_row, stride_aq, stride_ak,
+                           q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
+                           lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
+                           v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D, D_QK,
+                           FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
+                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+    sel = ((local[None, :] == offs_j[:, None]) & owned[None, :]).to(v_dtype)
+    pooled = tl.dot(sel, o.to(v_dtype), input_precision=PV_PRECISION, out_dtype=ACC_DTYPE)
+    out = tl.where((den > 0)[:, None], pooled, float("nan"))  # all-zero weights: 0/0, as the reference
     dst = out_ptr + b * stride_ob + h * stride_oh + slot_of[:, None] * stride_ot + offs_d[None, :]
-    tl.store(dst, out.to(out_dtype), mask=has_slot[:, None] & mask_d[None, :])
+    keep = has_slot & ((offs_j != last) | (m_end <= tile_end))  # an overhanging last slot: stored below
+    tl.store(dst, out.to(out_dtype), mask=keep[:, None] & mask_d[None, :])
     tl.store(den_ptr + b * T_out + slot_of, den.to(tl.float32), mask=has_slot & (h == 0))
+
+    # Overhang: the last owned slot's members past the tile, all in that one slot.
+    if overhang:
+        den_last = tl.sum(tl.where(offs_j == last, den, 0.0), axis=0)
+        row = tl.sum(tl.where((offs_j == last)[:, None], pooled, 0.0), axis=0)
+        for m0 in range(tile_end, m_end, BLOCK_M):
+            tok, slot, valid, first = _slot_rows(m0 + offs_j, m_end, order_row, d_row, stride_dt, starts_row,
+                                                 T, T_out)
+            w = _pool_weights(tok, valid, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt,
+                              smax, MODE, HAS_SIZE)
+            # den_last = 0 means every weight of the slot is 0: wn = 0 then.
+            wn = w.to(ACC_DTYPE) / tl.where(den_last > 0, den_last, 1.0)
+            o = _rows_times_values(tok, wn, valid, b, h, p_row, stride_aq, stride_ak,
+                                   q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
+                                   lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
+                                   v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D, D_QK,
+                                   FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+            row += tl.sum(o.to(v_dtype).to(ACC_DTYPE), axis=0)  # rounded as the tile's rows
+        row = tl.where(den_last > 0, row, float("nan"))
+        slot_l = tl.max(tl.where(offs_j == last, slot_of, -1), axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + slot_l * stride_ot + offs_d, row.to(out_dtype),
+                 mask=mask_d & (slot_l >= 0))
 
     # Slots with no member (never from match) get NaN, as the reference's 0/0: each
     # program checks its share of the slot ids.
-    nan_row = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32).to(out_dtype)
-    for s0 in range(tb * BLOCK_M, T_out, tl.num_programs(1) * BLOCK_M):
+    nan_rows = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32).to(out_dtype)
+    for s0 in range(row0, T_out, tl.num_programs(1) * BLOCK_M):
         offs_s = s0 + offs_j
         mask_s = offs_s < T_out
         lo = tl.load(starts_row + offs_s, mask=mask_s, other=0)
         hi = tl.load(starts_row + offs_s + 1, mask=mask_s, other=0)
         empty = mask_s & (hi <= lo)
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot + offs_d[None, :], nan_row,
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot + offs_d[None, :], nan_rows,
                  mask=empty[:, None] & mask_d[None, :])
         tl.store(den_ptr + b * T_out + offs_s, tl.zeros([BLOCK_M], tl.float32), mask=empty & (h == 0))
