@@ -95,7 +95,7 @@ def main() -> int:
         compile_kernel(AK._attention_received_kernel, dict(BLOCK_Q=32, BLOCK_K=64), dtype, ("attn_ptr",))
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for T, precision, has_log in itertools.product((197, 577), precisions, (False, True)):
-            cfg = configs.attention_received_qk_config(T, D, True)
+            cfg = configs.attention_received_qk_config(T, D, True, dtype == "fp32")
             consts = dict(HAS_LOG_SIZE=has_log, QK_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
                           BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"])
             compile_kernel(FK._attention_lse_received_kernel, consts, dtype, ("q_ptr", "k_ptr"), cfg["num_warps"])
@@ -104,7 +104,7 @@ def main() -> int:
         options = [(True, 1, True)] + ([o for o in itertools.product((False, True), (0, 1, 3), (False, True))
                                         if o != (True, 1, True)] if (dtype, D) == ("fp16", 64) else [])
         for from_qk, mode, has_size in options:
-            cfg = configs.attention_output_config(D, D if from_qk else 16, True)
+            cfg = configs.attention_output_config(D, D if from_qk else 16, True, dtype == "fp32")
             consts = dict(MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=from_qk,
                           QK_PRECISION="ieee", PV_PRECISION="ieee", ACC_DTYPE=tl.float32,
                           **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_T")})

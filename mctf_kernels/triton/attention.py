@@ -110,7 +110,8 @@ def launch_fused_output(
             attn_arg, sa = attn, attn.stride()
             q_args = (den, 0, 0, 0, 0, den, 0, 0, 0, 0, den, 0, 0, 0, den, 0, 0, 1.0)
 
-        cfg = configs.attention_output_config(D, D_QK, configs.gpu_configs(device))
+        cfg = configs.attention_output_config(D, D_QK, configs.gpu_configs(device),
+                                              v.dtype in (torch.float32, torch.float64))
         grid = (B * H, triton.cdiv(T, cfg["BLOCK_M"]))
         wrap(_fused_attention_output_kernel)[grid](
             attn_arg, *sa,

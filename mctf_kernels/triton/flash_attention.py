@@ -53,7 +53,8 @@ def _launch_lse_received(q, k, log_size, scale) -> Tuple[torch.Tensor, torch.Ten
     """One launch: lse (B, H, T) float32 and the per-query-block column sums of P,
     already divided by H * T, as (B, H * n_blocks, T) float32."""
     B, H, T, D = q.shape
-    cfg = configs.attention_received_qk_config(T, D, configs.gpu_configs(q.device))
+    cfg = configs.attention_received_qk_config(T, D, configs.gpu_configs(q.device),
+                                               q.dtype in (torch.float32, torch.float64))
     n_mb = triton.cdiv(T, cfg["BLOCK_M"])
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     part = torch.empty(B, H * n_mb, T, device=q.device, dtype=torch.float32)
