@@ -330,6 +330,25 @@ def test_out_of_range_dest_reads_and_writes_nothing_outside(device, triton_backe
     assert out.isnan().any()  # some slot lost its only member
 
 
+def test_garbage_slot_index_stays_in_bounds(device, triton_backend):
+    """A precomputed slot index with values far outside its range (and int32): the kernel
+    clamps every index it reads, so it runs and writes only its output."""
+    B, H, T, D = 1, 2, 77, 16
+    q, k, ls = make_qk(B, H, T, D, torch.float32, device, False)
+    dest, t_out = make_dest("bi-1", B, T, device)
+    att = mk.fusion_attention(q, k, scale=0.25)
+    v = torch.randn(B, H, t_out, D, device=device)
+    order = torch.randint(-10 ** 6, 10 ** 6, (B, T), device=device)
+    starts = torch.randint(-10 ** 6, 10 ** 6, (B, t_out + 1), device=device, dtype=torch.int32)
+    with force_gpu_configs():
+        out = LAUNCHERS["fused_attention_output_qk"](q, k, att.lse, None, 0.25, v, dest, t_out, None, None,
+                                                     mode=3, slots=(order, starts))
+    assert out.shape == (B, H, t_out, D)
+    with pytest.raises(ValueError, match="slots"):
+        LAUNCHERS["fused_attention_output_qk"](q, k, att.lse, None, 0.25, v, dest, t_out, None, None, mode=3,
+                                               slots=(order, starts[:, 1:]))
+
+
 def test_one_fused_layer_launches(device, triton_backend, monkeypatch):
     """Per fused layer the attention costs two Triton launches (lse + received; P' @ V')
     and one torch kernel (the fixed-order sum of the received partials) when the slot

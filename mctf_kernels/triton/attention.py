@@ -218,14 +218,16 @@ def check_output_args(op: str, bht, v, dest, t_out, size, attn_received, mode, d
 
 
 def check_slots(slots, B: int, T: int, t_out: int, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """A precomputed slot index ``(order, starts)``: int64 (B, T) and (B, T'+1) on ``device``.
-    Its values are not checked (a host sync); the kernel clamps every index it reads."""
+    """A precomputed slot index ``(order, starts)``: int32/int64 (B, T) and (B, T'+1) on
+    ``device``. Its values are not checked (a host sync); the kernel clamps every index
+    it reads, so wrong values give wrong numbers, never an access outside a tensor."""
     if slots is None:
         return None, None
     order, starts = slots
     for name, t, shape in (("order", order, (B, T)), ("starts", starts, (B, t_out + 1))):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != shape or t.device != device:
-            raise ValueError(f"slots: {name} must be int64 of shape {shape} on {device}")
+        if (not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape
+                or t.device != device):
+            raise ValueError(f"slots: {name} must be int32/int64 of shape {shape} on {device}")
     return order, starts
 
 
@@ -253,6 +255,6 @@ def fused_attention_output(
         raise ValueError(f"attn must have shape (B, H, T, T), got {tuple(attn.shape)}")
     check_output_args("fused_attention_output", attn.shape[:3], v, dest, t_out, size, attn_received, mode,
                       attn.device)
-    order, starts = check_slots(slots, *attn.shape[:1], attn.shape[2], t_out, attn.device)
+    order, starts = check_slots(slots, attn.shape[0], attn.shape[2], t_out, attn.device)
     out, _den = fused_op(attn, v, dest, t_out, size, attn_received, mode, order, starts)
     return out
