@@ -155,8 +155,9 @@ def _fused_attention_output_kernel(
     # Owned slot j gets  out_j = sum_m sel[j, m] * (w_m / den_j) * P[q_m, :] @ V'[dest]:
     # the weights are folded into P before P is rounded to V's dtype (w / den <= 1: no
     # underflow) and the row merge is a 0/1 dot, exact in any dtype. The last owned
-    # slot may run past the tile; its further members (rare: a tile boundary inside a
-    # multi-member slot) are summed into that one row in extra steps.
+    # slot may run past the tile; its further members are summed into that one row in
+    # extra steps (a tile boundary inside a multi-member slot: ~7% of tiles over DeiT's
+    # r = 16 schedule, an estimate from the reference matcher on random tokens).
     bh = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     b = bh // H
