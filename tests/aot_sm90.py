@@ -21,7 +21,6 @@ from mctf_kernels.triton import _attention_kernel as AK  # noqa: E402
 from mctf_kernels.triton import _flash_attention_kernel as FK  # noqa: E402
 from mctf_kernels.triton import _match_kernel as MK  # noqa: E402
 from mctf_kernels.triton import _merge_kernel as GK  # noqa: E402
-from mctf_kernels.triton.flash_attention import _qk_blocks  # noqa: E402
 from mctf_kernels.triton.match import _blocks  # noqa: E402
 from mctf_kernels.triton._common import block_size, warps_for  # noqa: E402
 
@@ -91,28 +90,27 @@ def main() -> int:
                        dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps_for(max(block_c, block_n)))
         count += 1
     # attention: received from P, the flash-style pair, and P' @ V' from P or from q, k
+    from mctf_kernels.triton import configs  # noqa: E402
     for dtype, D in itertools.product(dtypes, (48, 64, 128)):
         compile_kernel(AK._attention_received_kernel, dict(BLOCK_Q=32, BLOCK_K=64), dtype, ("attn_ptr",))
-        block_m, block_n, block_d, warps = _qk_blocks(D)
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
-        for precision, has_log in itertools.product(precisions, (False, True)):
-            consts = dict(HAS_LOG_SIZE=has_log, QK_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_D=block_d)
-            compile_kernel(FK._attention_lse_kernel, consts, dtype, ("q_ptr", "k_ptr"), warps)
-            compile_kernel(FK._attention_received_qk_kernel, consts, dtype, ("q_ptr", "k_ptr"), warps)
-            count += 2
-        block_d = block_size(D, 256)
+        for T, precision, has_log in itertools.product((197, 577), precisions, (False, True)):
+            cfg = configs.attention_received_qk_config(T, D, True, dtype == "fp32")
+            consts = dict(HAS_LOG_SIZE=has_log, QK_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
+                          BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"])
+            compile_kernel(FK._attention_lse_received_kernel, consts, dtype, ("q_ptr", "k_ptr"), cfg["num_warps"])
+            count += 1
         # the model's path (from q, k; attention-and-size pooling) everywhere, every option once
         options = [(True, 1, True)] + ([o for o in itertools.product((False, True), (0, 1, 3), (False, True))
                                         if o != (True, 1, True)] if (dtype, D) == ("fp16", 64) else [])
         for from_qk, mode, has_size in options:
-            block_dk = block_d if from_qk else 16
+            cfg = configs.attention_output_config(D, D if from_qk else 16, True, dtype == "fp32")
             consts = dict(MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=from_qk,
-                          QK_PRECISION="ieee", PV_PRECISION="ieee", ACC_DTYPE=tl.float32, BLOCK_S=32, BLOCK_M=64,
-                          BLOCK_N=64 if max(block_d, block_dk) <= 64 else 32, BLOCK_D=block_d, BLOCK_DK=block_dk)
+                          QK_PRECISION="ieee", PV_PRECISION="ieee", ACC_DTYPE=tl.float32,
+                          **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_T")})
             compile_kernel(AK._fused_attention_output_kernel, consts, dtype,
                            ("q_ptr", "k_ptr", "v_ptr", "out_ptr") + (() if from_qk else ("attn_ptr",)),
-                           4 if max(block_d, block_dk) <= 64 else 8)
+                           cfg["num_warps"])
             count += 1
         count += 1
     print(f"compiled {count} kernel variants for sm_90 in {time.time() - start:.0f} s")

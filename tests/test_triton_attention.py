@@ -1,5 +1,6 @@
 """Triton ``attention_received`` and ``fused_attention_output`` against the eager
-references (SPEC sections 3 and 6). CPU: a subset under TRITON_INTERPRET=1."""
+references (docs/algorithm.md, "One-step-ahead attention"). CPU: a subset under
+TRITON_INTERPRET=1, also with the GPU launch configurations."""
 import itertools
 
 import pytest
@@ -8,7 +9,10 @@ import torch
 import mctf_kernels as mk
 from slot_maps import make_dest
 from mctf_kernels import ops
+from mctf_kernels.triton import LAUNCHERS
 from mctf_kernels.merge import pooling_weights, segment_sum
+from mctf_kernels.triton.configs import force_gpu_configs
+from mctf_kernels.triton.merge import slot_index
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -156,6 +160,48 @@ def test_fused_attention_output_max_pooling_has_no_kernel(device, triton_backend
     dest = torch.tensor([[0, 1, 1, 2, 0]], device=device)
     with pytest.raises(mk.BackendUnavailable, match="max pooling"):
         mk.fused_attention_output(attn, torch.randn(1, H, 3, 16, device=device), dest, 3, mode=2)
+
+
+@pytest.mark.parametrize("T,dtype,mode,kind", [(197, torch.float32, 1, "bi-1"), (197, torch.float16, 0, "random"),
+                                               (577, torch.float32, 3, "random"), (577, torch.float16, 1, "uni-0")])
+def test_fused_attention_output_gpu_configs(device, triton_backend, T, dtype, mode, kind):
+    """P' @ V' from a formed P with the GPU block sizes (64-row query tiles in slot order,
+    64-key steps, the overhang of a tile's last slot), against float64; deterministic;
+    a precomputed slot index gives the same bits."""
+    B, D = 1, 64
+    dest, t_out = make_dest(kind, B, T, device)
+    attn = make_attn(B, T, dtype, device)
+    v = torch.randn(B, H, t_out, D, device=device, dtype=dtype)
+    size = torch.randint(1, 5, (B, T), device=device).float()
+    received = attn.float().mean(dim=(1, 2))
+    with force_gpu_configs():
+        out = mk.fused_attention_output(attn, v, dest, t_out, size, received, mode=mode)
+        again = LAUNCHERS["fused_attention_output"](attn, v, dest, t_out, size, received, mode=mode,
+                                                    slots=slot_index(dest, t_out))
+    ref = mk.fused_attention_output_reference(attn, v, dest, t_out, size, received, mode=mode)
+    assert_close(out, ref, fused_truth(attn, v, dest, t_out, size, received, mode), dtype)
+    assert torch.equal(again, out)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T', H, D) storage, as proj reads it
+
+
+@pytest.mark.parametrize("gpu", (False, True))
+def test_fused_attention_output_out_of_range_dest(device, triton_backend, gpu):
+    """dest values T' and 10**6: those tokens add nothing as keys or queries; slots left
+    empty are NaN; nothing outside the tensors is touched."""
+    B, T, D = 2, 197, 64
+    dest, t_out = make_dest("bi-1", B, T, device)
+    bad = dest.clone()
+    bad[0, 7], bad[0, 150], bad[1, 196], bad[1, 3] = t_out, 10 ** 6, 10 ** 6, t_out
+    attn = make_attn(B, T, torch.float32, device)
+    v = torch.randn(B, H, t_out, D, device=device)
+    with force_gpu_configs() if gpu else torch.no_grad():
+        out = mk.fused_attention_output(attn, v, bad, t_out, None, None, mode=3)
+    ok = (bad < t_out)
+    safe = torch.where(ok, bad, 0)
+    per_query = (attn.double() * ok[:, None, None, :]) @ v.double().gather(2, safe[:, None, :, None].expand(B, H, T, D))
+    onehot = ((safe[:, :, None] == torch.arange(t_out, device=device)) & ok[:, :, None]).double()  # (B, T, T')
+    truth = torch.einsum("bts,bhtd->bhsd", onehot, per_query) / onehot.sum(dim=1)[:, None, :, None]
+    torch.testing.assert_close(out.double(), truth, atol=2e-5, rtol=1e-5, equal_nan=True)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="torch.compile of user Triton kernels needs CUDA (fake tensors cannot run the interpreter)")

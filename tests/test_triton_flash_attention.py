@@ -1,4 +1,4 @@
-"""Triton flash-style one-step-ahead attention (SPEC section 6): ``fusion_attention``
+"""Triton flash-style one-step-ahead attention (docs/algorithm.md, "One-step-ahead attention"): ``fusion_attention``
 (per-query log-sum-exp and the attention each token receives, P never formed) and
 ``fused_attention_output_qk`` (P' @ V' recomputing P from q, k) against float64
 truths and the eager references. CPU: a subset under TRITON_INTERPRET=1 in float32
@@ -12,6 +12,8 @@ import mctf_kernels as mk
 from slot_maps import make_dest
 from mctf_kernels import ops
 from mctf_kernels.triton import LAUNCHERS
+from mctf_kernels.triton.configs import force_gpu_configs
+from mctf_kernels.triton.merge import slot_index
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -217,8 +219,7 @@ def test_flash_path_runs_the_kernels(device, triton_backend, monkeypatch):
     from mctf_kernels.triton import _attention_kernel, _flash_attention_kernel
 
     kernels = []
-    for module, name in ((_flash_attention_kernel, "_attention_lse_kernel"),
-                         (_flash_attention_kernel, "_attention_received_qk_kernel"),
+    for module, name in ((_flash_attention_kernel, "_attention_lse_received_kernel"),
                          (_attention_kernel, "_fused_attention_output_kernel")):
         kernel = getattr(module, name)
         monkeypatch.setattr(kernel, "run",
@@ -234,7 +235,173 @@ def test_flash_path_runs_the_kernels(device, triton_backend, monkeypatch):
     dest = torch.tensor([[0, 1, 1, 2, 0]], device=device)
     mk.fused_attention_output_from(att, torch.randn(1, 2, 3, 16, device=device), dest, 3, None, mode=1)
     assert calls == ["fusion_attention", "fused_attention_output_qk"]
-    assert kernels == ["_attention_lse_kernel", "_attention_received_qk_kernel", "_fused_attention_output_kernel"]
+    assert kernels == ["_attention_lse_received_kernel", "_fused_attention_output_kernel"]
+
+
+# ---------------------------------------------------------------- the GPU launch configurations
+
+def _layer(q, k, ls, scale, v, dest, t_out, size, mode, slots=None):
+    """One fused layer's attention: fusion_attention, then P' @ V' from q, k."""
+    att = LAUNCHERS["fusion_attention"](q, k, scale=scale, log_size=ls)
+    out = LAUNCHERS["fused_attention_output_qk"](q, k, att.lse, ls, scale, v, dest, t_out, size, att.received,
+                                                 mode=mode, slots=slots)
+    return att, out
+
+
+# (T, H, dtype, mode, map): T = 197 is one 256-key tile in the received kernel, T = 577 its
+# two-loop form; both cross 64-row query tiles and 64-key tiles in the output kernel.
+GPU_CASES = [(197, 2, torch.float32, 1, "bi-1"), (197, 6, torch.float16, 1, "random"),
+             (197, 3, torch.float32, 0, "random"), (197, 4, torch.float16, 3, "uni-0"),
+             (577, 3, torch.float32, 1, "random"), (577, 5, torch.float16, 1, "bi-1")]
+
+
+@pytest.mark.parametrize("T,H,dtype,mode,kind", GPU_CASES)
+def test_gpu_configs_match_fp64(device, triton_backend, T, H, dtype, mode, kind):
+    """The block sizes, warps and tile loops a GPU runs, against float64 truths."""
+    B, D = 1, 64
+    q, k, ls = make_qk(B, H, T, D, dtype, device, True)
+    scale = D ** -0.5
+    dest, t_out = make_dest(kind, B, T, device)
+    v = torch.randn(B, H, t_out, D, device=device, dtype=dtype)
+    size = torch.randint(1, 5, (B, T), device=device).float()
+    with force_gpu_configs():
+        att, out = _layer(q, k, ls, scale, v, dest, t_out, size, mode)
+        att2, out2 = _layer(q, k, ls, scale, v, dest, t_out, size, mode, slots=slot_index(dest, t_out))
+    logits = truth_logits(q, k, scale, ls)
+    lse = logits.logsumexp(dim=-1)
+    torch.testing.assert_close(att.lse.double(), lse, atol=2e-5, rtol=2e-6)
+    torch.testing.assert_close(att.received.double(), (logits - lse[..., None]).exp().mean(dim=(1, 2)),
+                               atol=1e-9, rtol=2e-5)
+    ref = mk.fused_attention_output_qk_reference(q, k, None, ls, scale, v, dest, t_out, size, att.received, mode=mode)
+    assert_close(out, ref, output_truth(q, k, ls, scale, v, dest, t_out, size, att.received, mode), dtype)
+    # deterministic, and a precomputed slot index gives the same bits
+    assert torch.equal(att2.lse, att.lse) and torch.equal(att2.received, att.received) and torch.equal(out2, out)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="bfloat16 kernels run on CUDA only: the Triton interpreter computes "
+                                        "bfloat16 tl.dot wrongly, so a CPU result would not test the kernel")
+@pytest.mark.parametrize("T", (197, 577))
+def test_bfloat16_on_cuda(triton_backend, T):
+    B, H, D = 2, 6, 64
+    q, k, ls = make_qk(B, H, T, D, torch.bfloat16, "cuda", True)
+    dest, t_out = make_dest("bi-1", B, T, "cuda")
+    v = torch.randn(B, H, t_out, D, device="cuda", dtype=torch.bfloat16)
+    size = torch.randint(1, 5, (B, T), device="cuda").float()
+    att, out = _layer(q, k, ls, D ** -0.5, v, dest, t_out, size, 1)
+    ref = mk.fused_attention_output_qk_reference(q, k, None, ls, D ** -0.5, v, dest, t_out, size, att.received, mode=1)
+    assert_close(out, ref, output_truth(q, k, ls, D ** -0.5, v, dest, t_out, size, att.received, 1), torch.bfloat16)
+
+
+def test_output_layout_is_what_proj_reads(device, triton_backend):
+    """(B, H, T', D) view of (B, T', H, D) storage: the model's transpose(1, 2).reshape is free."""
+    B, H, T, D = 2, 3, 37, 16
+    q, k, ls = make_qk(B, H, T, D, torch.float32, device, False)
+    dest, t_out = make_dest("bi-1", B, T, device)
+    _att, out = _layer(q, k, ls, 0.25, torch.randn(B, H, t_out, D, device=device), dest, t_out, None, 3)
+    assert out.shape == (B, H, t_out, D) and out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("gpu", (False, True))
+def test_out_of_range_dest_reads_and_writes_nothing_outside(device, triton_backend, gpu):
+    """Slots outside [0, T') (here T' and 10**6): those tokens contribute nothing as keys
+    or as queries, slots left without members are NaN (the reference's 0/0); nothing is
+    read or written outside the tensors (a stray access would crash or show as garbage)."""
+    B, H, T, D = 2, 2, 197, 64
+    q, k, ls = make_qk(B, H, T, D, torch.float32, device, True)
+    dest, t_out = make_dest("bi-1", B, T, device)
+    bad = dest.clone()
+    bad[0, 5], bad[0, 100], bad[1, 196], bad[1, 0] = t_out, 10 ** 6, t_out, 10 ** 6
+    v = torch.randn(B, H, t_out, D, device=device)
+    size = torch.randint(1, 5, (B, T), device=device).float()
+    att = mk.fusion_attention(q, k, scale=D ** -0.5, log_size=ls)
+    with force_gpu_configs() if gpu else torch.no_grad():
+        out = LAUNCHERS["fused_attention_output_qk"](q, k, att.lse, ls, D ** -0.5, v, bad, t_out, size,
+                                                     att.received, mode=1)
+    # truth: keys and queries with a bad slot dropped (float64)
+    ok = (bad >= 0) & (bad < t_out)
+    probs = truth_logits(q, k, D ** -0.5, ls).softmax(dim=-1) * ok[:, None, None, :]
+    safe = torch.where(ok, bad, 0)
+    per_query = probs @ v.double().gather(2, safe[:, None, :, None].expand(B, H, T, D))
+    w = mk.pooling_weights(1, size, att.received).double() * ok
+    onehot = (safe[:, :, None] == torch.arange(t_out, device=device)) & ok[:, :, None]  # (B, T, T')
+    num = torch.einsum("bts,bhtd->bhsd", onehot.double() * w[..., None], per_query)
+    truth = num / torch.einsum("bts->bs", onehot.double() * w[..., None])[:, None, :, None]
+    torch.testing.assert_close(out.double(), truth, atol=2e-5, rtol=1e-5, equal_nan=True)
+    assert out.isnan().any()  # some slot lost its only member
+
+
+def test_garbage_slot_index_stays_in_bounds(device, triton_backend):
+    """A precomputed slot index with values far outside its range (and int32): the kernel
+    clamps every index it reads, so it runs and writes only its output."""
+    B, H, T, D = 1, 2, 77, 16
+    q, k, ls = make_qk(B, H, T, D, torch.float32, device, False)
+    dest, t_out = make_dest("bi-1", B, T, device)
+    att = mk.fusion_attention(q, k, scale=0.25)
+    v = torch.randn(B, H, t_out, D, device=device)
+    order = torch.randint(-10 ** 6, 10 ** 6, (B, T), device=device)
+    starts = torch.randint(-10 ** 6, 10 ** 6, (B, t_out + 1), device=device, dtype=torch.int32)
+    with force_gpu_configs():
+        out = LAUNCHERS["fused_attention_output_qk"](q, k, att.lse, None, 0.25, v, dest, t_out, None, None,
+                                                     mode=3, slots=(order, starts))
+    assert out.shape == (B, H, t_out, D)
+    with pytest.raises(ValueError, match="slots"):
+        LAUNCHERS["fused_attention_output_qk"](q, k, att.lse, None, 0.25, v, dest, t_out, None, None, mode=3,
+                                               slots=(order, starts[:, 1:]))
+
+
+def test_one_fused_layer_launches(device, triton_backend, monkeypatch):
+    """Per fused layer the attention costs two Triton launches (lse + received; P' @ V')
+    and one torch kernel (the fixed-order sum of the received partials) when the slot
+    index is shared: q.k^T is computed twice (T <= 256)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mctf_kernels.triton import _attention_kernel, _flash_attention_kernel, flash_attention
+
+    launches = []
+    for module, name in ((_flash_attention_kernel, "_attention_lse_received_kernel"),
+                         (_attention_kernel, "_fused_attention_output_kernel")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(kernel, "run", lambda *a, _n=name, **kw: launches.append(_n))  # count, do not run
+
+    free = {"empty", "empty_strided", "view", "_unsafe_view", "transpose", "permute", "expand", "as_strided",
+            "detach", "alias", "t", "slice", "select", "unsqueeze", "squeeze", "lift_fresh", "_to_copy"}
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in free and not name.startswith("mctf"):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    B, H, T, D = 2, 6, 197, 64
+    q, k, ls = make_qk(B, H, T, D, torch.float16, device, True)
+    dest, t_out = make_dest("bi-1", B, T, device)
+    slots = slot_index(dest, t_out)
+    v = torch.randn(B, H, t_out, D, device=device, dtype=torch.float16)
+    size = torch.randint(1, 5, (B, T), device=device).float()
+    # the ops' bodies (a dispatch mode sees a custom op whole, not the torch ops inside)
+    with CountOps() as counter:
+        received, lse = flash_attention._fusion_attention_impl(q, k, ls, D ** -0.5)
+        flash_attention._fused_qk_impl(q, k, lse, ls, D ** -0.5, v, dest, t_out, size, received, 1, *slots)
+    assert launches == ["_attention_lse_received_kernel", "_fused_attention_output_kernel"]
+    assert counter.ops == ["sum"], counter.ops
+
+
+@pytest.mark.skipif(not ON_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device(triton_backend):
+    """A model on cuda:1 while cuda:0 is current: every launch runs on the tensors' device."""
+    B, H, T, D = 2, 3, 197, 64
+    q, k, ls = make_qk(B, H, T, D, torch.float16, "cuda:1", True)
+    dest, t_out = make_dest("bi-1", B, T, "cuda:1")
+    v = torch.randn(B, H, t_out, D, device="cuda:1", dtype=torch.float16)
+    with torch.cuda.device(0):
+        att, out = _layer(q, k, ls, D ** -0.5, v, dest, t_out, None, 3)
+    ref = mk.fused_attention_output_qk_reference(q, k, None, ls, D ** -0.5, v, dest, t_out, None, att.received, mode=3)
+    assert_close(out, ref, output_truth(q, k, ls, D ** -0.5, v, dest, t_out, None, att.received, 3), torch.float16)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="torch.compile of user Triton kernels needs CUDA (fake tensors cannot run the interpreter)")

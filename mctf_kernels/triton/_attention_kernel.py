@@ -1,11 +1,12 @@
-"""Triton kernels of the attention-side ops (SPEC sections 3 and 6).
+"""Triton kernels of the attention-side ops (docs/algorithm.md, "One-step-ahead attention").
 
 - ``_attention_received_kernel``: column sums of P (B, H, T, T) per head; the
   launcher sums the H partials in a fixed order (no atomics, deterministic).
-- ``_fused_attention_output_kernel``: P' @ V' = rowmerge(P @ V'[dest]) in one
-  pass over P, never forming P' nor gathering V'[dest] into memory. With
-  ``FROM_QK`` it reads no P at all: each tile is recomputed as exp(s - lse) from
-  q and k (the flash-style ``fused_attention_output_qk``).
+- ``_fused_attention_output_kernel``: P' @ V' = rowmerge(P @ V'[dest]) in one pass,
+  flash-style over the queries taken in slot order (the slot index ``order``), so a
+  64-row query tile is full and a slot's members are consecutive rows; its epilogue
+  pools those rows into their slots. P' is never formed, V'[dest] never gathered into
+  memory. With ``FROM_QK`` no P is read: each tile is exp(s - lse) from q and k.
 """
 import triton
 import triton.language as tl
@@ -39,6 +40,88 @@ def _attention_received_kernel(
 
 
 @triton.jit
+def _slot_rows(pos, m_end, order_row, d_row, stride_dt, starts_row, T, T_out):
+    """For query positions ``pos`` (int32) in slot order: the token, its slot, whether it
+    counts (inside [.., m_end) with a slot in [0, T')), and whether it is its slot's first
+    member. Every index is clamped: no ``order`` / ``dest`` / ``starts`` value reads out
+    of bounds. int32 indices: half the registers of int64 (T < 2**31)."""
+    in_rows = pos < m_end
+    tok = tl.load(order_row + pos, mask=in_rows, other=0)
+    tok = tl.minimum(tl.maximum(tok, 0), T - 1).to(tl.int32)
+    slot = tl.load(d_row + tok * stride_dt, mask=in_rows, other=-1)
+    valid = in_rows & (slot >= 0) & (slot < T_out)
+    slot = tl.where(valid, slot, 0).to(tl.int32)
+    first = tl.load(starts_row + slot, mask=valid, other=-1)
+    return tok, slot, valid, valid & (first == pos)
+
+
+@triton.jit
+def _pool_weights(tok, valid, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
+                  MODE: tl.constexpr, HAS_SIZE: tl.constexpr):
+    """The pooling weight of each token (mode 0 size, 1 attention * size / max size, 3 one)."""
+    if HAS_SIZE:
+        s = tl.load(size_ptr + b * stride_sb + tok * stride_st, mask=valid, other=0.0).to(tl.float32)
+    else:
+        s = tl.full(tok.shape, 1.0, tl.float32)
+    if MODE == 0:
+        w = s
+    elif MODE == 1:
+        a = tl.load(attn_m_ptr + b * stride_mb + tok * stride_mt, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SIZE:
+            w = a * (s / smax)  # as pooling_weights: a * (s / max s)
+        else:
+            w = a
+    else:
+        w = tl.full(tok.shape, 1.0, tl.float32)
+    return tl.where(valid, w, 0.0)
+
+
+@triton.jit
+def _rows_times_values(
+    tok, wn, owned, b, h,
+    p_row, stride_aq, stride_ak,
+    q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
+    lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
+    v_row, stride_vt, stride_vd, d_row, stride_dt,
+    T, T_out, D, D_QK,
+    FROM_QK: tl.constexpr, HAS_LOG_SIZE: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
+    """(wn * P[tok, :]) @ V'[dest[:]] for BLOCK_M query rows, flash-style over key tiles:
+    (BLOCK_M, BLOCK_D) in ACC_DTYPE. P is scaled by the row weights before it is rounded
+    to V's dtype; rows not ``owned`` are zero."""
+    v_dtype = v_row.dtype.element_ty
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    if FROM_QK:
+        offs_dk = tl.arange(0, BLOCK_DK)
+        qs = scaled_queries(q_row, tok, owned, stride_qt, stride_qd, offs_dk, offs_dk < D_QK, scale)
+        lse = tl.load(lse_ptr + b * stride_eb + h * stride_eh + tok * stride_et, mask=owned, other=0.0)
+    o = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    for k0 in range(0, T, BLOCK_N):
+        offs_k = k0 + tl.arange(0, BLOCK_N)
+        mask_k = offs_k < T
+        if FROM_QK:  # P tile = exp(s - lse); keys past T have s = -inf
+            kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_dk, offs_dk < D_QK)
+            logits = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
+            p = tl.exp(logits - lse[:, None])
+        else:
+            # The reference multiplies attn.to(v.dtype) @ v: round P to V's dtype first.
+            p = tl.load(p_row + tok[:, None] * stride_aq + offs_k[None, :] * stride_ak,
+                        mask=owned[:, None] & mask_k[None, :], other=0.0).to(v_dtype).to(ACC_DTYPE)
+        p = tl.where(owned[:, None], p * wn[:, None], 0.0)
+        # Keys whose slot is outside [0, T') contribute nothing (and read nothing).
+        kd = tl.load(d_row + offs_k * stride_dt, mask=mask_k, other=-1)
+        mask_v = mask_k & (kd >= 0) & (kd < T_out)
+        kd = tl.where(mask_v, kd, 0).to(tl.int32)
+        vt = tl.load(v_row + kd[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                     mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        o = tl.dot(p.to(v_dtype), vt, o, input_precision=PV_PRECISION)
+    return o
+
+
+@triton.jit
 def _fused_attention_output_kernel(
     attn_ptr, stride_ab, stride_ah, stride_aq, stride_ak,  # P (B, H, T, T); not read when FROM_QK
     q_ptr, stride_qb, stride_qh, stride_qt, stride_qd,  # q, k (B, H, T, D_QK): FROM_QK only
@@ -51,7 +134,6 @@ def _fused_attention_output_kernel(
     order_ptr, starts_ptr,  # slot index of dest: contiguous (B, T) and (B, T'+1) int64
     size_ptr, stride_sb, stride_st,
     attn_m_ptr, stride_mb, stride_mt,
-    smax_ptr,  # (B,) float32, mode 1 with sizes only
     out_ptr, stride_ob, stride_oh, stride_ot,  # out's channel stride is 1
     den_ptr,  # (B, T') float32: slot sums of the pooling weights
     H, T, T_out, D, D_QK,
@@ -62,90 +144,134 @@ def _fused_attention_output_kernel(
     QK_PRECISION: tl.constexpr,  # as PV_PRECISION, for q @ k^T (FROM_QK)
     PV_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 P @ V (as torch's matmul setting)
     ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 V (gradcheck)
-    BLOCK_S: tl.constexpr,  # output slots per program
-    BLOCK_M: tl.constexpr,  # member queries per step
+    BLOCK_M: tl.constexpr,  # query rows per tile, in slot order
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr,
     BLOCK_DK: tl.constexpr,  # q, k head dim block (FROM_QK)
+    BLOCK_T: tl.constexpr,  # tokens per step of the max-size scan (mode 1 with sizes)
 ):
-    # One program owns BLOCK_S consecutive slots of one (b, h). Their member
-    # queries are a contiguous run of the slot index, walked BLOCK_M at a time:
-    #   O_m  = P[q_m, :] @ V'[dest[:]]                 (K loop, V' rows gathered by dest)
-    #   acc += A @ O_m, A[s, m] = w_m * [dest[q_m] == s] (the weighted row merge as a dot)
+    # Program (b, h, tile) takes the query rows at positions [row0, row0 + BLOCK_M) of
+    # the slot order and owns the slots whose first member lies there (at most BLOCK_M).
+    # Owned slot j gets  out_j = sum_m sel[j, m] * (w_m / den_j) * P[q_m, :] @ V'[dest]:
+    # the weights are folded into P before P is rounded to V's dtype (w / den <= 1: no
+    # underflow) and the row merge is a 0/1 dot, exact in any dtype. The last owned
+    # slot may run past the tile; its further members are summed into that one row in
+    # extra steps (a tile boundary inside a multi-member slot: ~7% of tiles over DeiT's
+    # r = 16 schedule, an estimate from the reference matcher on random tokens).
     bh = tl.program_id(0).to(tl.int64)
-    sb = tl.program_id(1).to(tl.int64)
+    tb = tl.program_id(1)
     b = bh // H
     h = bh % H
-    s0 = sb * BLOCK_S
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    s_end = tl.minimum(s0 + BLOCK_S, T_out)
-    m_lo = tl.load(starts_ptr + b * (T_out + 1) + s0)
-    m_hi = tl.load(starts_ptr + b * (T_out + 1) + s_end)
+    row0 = tb * BLOCK_M
+    tile_end = tl.minimum(row0 + BLOCK_M, T)
+    order_row = order_ptr + b * T
+    starts_row = starts_ptr + b * (T_out + 1)
+    d_row = dest_ptr + b * stride_db
+    out_dtype = out_ptr.dtype.element_ty
+    v_dtype = v_ptr.dtype.element_ty
 
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    smax = 1.0
+    if MODE == 1:
+        if HAS_SIZE:  # max size of the row (each program rescans it: T loads, no extra launch)
+            mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
+            for t0 in range(0, T, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                sz = tl.load(size_ptr + b * stride_sb + offs_t * stride_st, mask=offs_t < T, other=float("-inf"))
+                mx = tl.maximum(mx, sz.to(tl.float32))
+            smax = tl.max(mx, axis=0)
+
+    # The member range: past the tile only when the tile's last row is in a slot owned here.
+    _t, slot_last, valid_last, _f = _slot_rows(tile_end - 1 + tl.zeros([1], tl.int32), T, order_row, d_row,
+                                               stride_dt, starts_row, T, T_out)
+    last_start = tl.load(starts_row + slot_last, mask=valid_last, other=-1)
+    last_end = tl.load(starts_row + slot_last + 1, mask=valid_last, other=0).to(tl.int32)
+    last_end = tl.minimum(tl.maximum(last_end, tile_end), T)
+    m_end = tl.max(tl.where(valid_last & (last_start >= row0), last_end, tile_end), axis=0)
+    overhang = m_end > tile_end
+
+    offs_j = tl.arange(0, BLOCK_M)  # owned slot (local index); also the row in a step
+
+    # Pass 1 (indices and weights only): each owned slot's id and weight sum.
+    den = tl.zeros([BLOCK_M], ACC_DTYPE)
+    slot_of = tl.full([BLOCK_M], -1, tl.int32)
+    n_owned = 0
+    for m0 in range(row0, m_end, BLOCK_M):
+        tok, slot, valid, first = _slot_rows(m0 + offs_j, m_end, order_row, d_row, stride_dt, starts_row, T, T_out)
+        local = n_owned + tl.cumsum(first.to(tl.int32), axis=0) - 1
+        owned = valid & (local >= 0)
+        sel = (local[None, :] == offs_j[:, None]) & owned[None, :]
+        w = _pool_weights(tok, owned, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
+                          MODE, HAS_SIZE)
+        den += tl.sum(tl.where(sel, w.to(ACC_DTYPE)[None, :], 0.0), axis=1)
+        slot_of = tl.maximum(slot_of, tl.max(tl.where(sel, slot[None, :], -1), axis=1))
+        n_owned += tl.sum(first.to(tl.int32), axis=0)
+    last = n_owned - 1
+
     p_row = attn_ptr + b * stride_ab + h * stride_ah
     v_row = v_ptr + b * stride_vb + h * stride_vh
-    d_row = dest_ptr + b * stride_db
-    offs_dk = tl.arange(0, BLOCK_DK)
-    mask_dk = offs_dk < D_QK
     q_row = q_ptr + b * stride_qb + h * stride_qh
     k_row = k_ptr + b * stride_kb + h * stride_kh
     logs_row = logs_ptr + b * stride_lb
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    has_slot = slot_of >= 0
 
-    acc = tl.zeros([BLOCK_S, BLOCK_D], ACC_DTYPE)
-    den = tl.zeros([BLOCK_S], ACC_DTYPE)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        pos = m0 + tl.arange(0, BLOCK_M)
-        mask_m = pos < m_hi
-        q = tl.load(order_ptr + b * T + pos, mask=mask_m, other=0)
-        slot_q = tl.load(d_row + q * stride_dt, mask=mask_m, other=-1).to(tl.int64)
+    # Pass 2, the tile's rows: flash-style P @ V'[dest], pooled into the owned slots.
+    tok, slot, valid, first = _slot_rows(row0 + offs_j, tile_end, order_row, d_row, stride_dt, starts_row, T, T_out)
+    local = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    owned = valid & (local >= 0)
+    w = _pool_weights(tok, owned, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
+                      MODE, HAS_SIZE)
+    den_m = tl.sum(tl.where(local[None, :] == offs_j[:, None], den[:, None], 0.0), axis=0)
+    # A slot whose weights sum to 0 gets NaN below (as the reference's 0/0); its rows
+    # contribute 0 here so no NaN reaches the other slots through the dot.
+    wn = tl.where(owned & (den_m > 0), w.to(ACC_DTYPE) / tl.where(den_m > 0, den_m, 1.0), 0.0)
+    o = _rows_times_values(tok, wn, owned, b, h, p_row, stride_aq, stride_ak,
+                           q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
+                           lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
+                           v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D, D_QK,
+                           FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
+                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+    sel = ((local[None, :] == offs_j[:, None]) & owned[None, :]).to(v_dtype)
+    pooled = tl.dot(sel, o.to(v_dtype), input_precision=PV_PRECISION, out_dtype=ACC_DTYPE)
+    out = tl.where((den > 0)[:, None], pooled, float("nan"))  # all-zero weights: 0/0, as the reference
+    dst = out_ptr + b * stride_ob + h * stride_oh + slot_of[:, None] * stride_ot + offs_d[None, :]
+    keep = has_slot & ((offs_j != last) | (m_end <= tile_end))  # an overhanging last slot: stored below
+    tl.store(dst, out.to(out_dtype), mask=keep[:, None] & mask_d[None, :])
+    tl.store(den_ptr + b * T_out + slot_of, den.to(tl.float32), mask=has_slot & (h == 0))
 
-        if HAS_SIZE:
-            s = tl.load(size_ptr + b * stride_sb + q * stride_st, mask=mask_m, other=0.0).to(tl.float32)
-        else:
-            s = tl.full([BLOCK_M], 1.0, tl.float32)
-        if MODE == 0:
-            w = s
-        elif MODE == 1:
-            a = tl.load(attn_m_ptr + b * stride_mb + q * stride_mt, mask=mask_m, other=0.0).to(tl.float32)
-            if HAS_SIZE:
-                w = a * (s / tl.load(smax_ptr + b))  # as pooling_weights: a * (s / max s)
-            else:
-                w = a
-        else:
-            w = tl.full([BLOCK_M], 1.0, tl.float32)
-        w = tl.where(mask_m, w, 0.0).to(ACC_DTYPE)
+    # Overhang: the last owned slot's members past the tile, all in that one slot.
+    if overhang:
+        den_last = tl.sum(tl.where(offs_j == last, den, 0.0), axis=0)
+        row = tl.sum(tl.where((offs_j == last)[:, None], pooled, 0.0), axis=0)
+        for m0 in range(tile_end, m_end, BLOCK_M):
+            tok, slot, valid, first = _slot_rows(m0 + offs_j, m_end, order_row, d_row, stride_dt, starts_row,
+                                                 T, T_out)
+            w = _pool_weights(tok, valid, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt,
+                              smax, MODE, HAS_SIZE)
+            # den_last = 0 means every weight of the slot is 0: wn = 0 then.
+            wn = w.to(ACC_DTYPE) / tl.where(den_last > 0, den_last, 1.0)
+            o = _rows_times_values(tok, wn, valid, b, h, p_row, stride_aq, stride_ak,
+                                   q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
+                                   lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
+                                   v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D, D_QK,
+                                   FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+            row += tl.sum(o.to(v_dtype).to(ACC_DTYPE), axis=0)  # rounded as the tile's rows
+        row = tl.where(den_last > 0, row, float("nan"))
+        slot_l = tl.max(tl.where(offs_j == last, slot_of, -1), axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + slot_l * stride_ot + offs_d, row.to(out_dtype),
+                 mask=mask_d & (slot_l >= 0))
 
-        if FROM_QK:  # this step's queries, scaled, and their log-sum-exps
-            qs = scaled_queries(q_row, q, mask_m, stride_qt, stride_qd, offs_dk, mask_dk, scale)
-            lse = tl.load(lse_ptr + b * stride_eb + h * stride_eh + q * stride_et, mask=mask_m, other=0.0)
-
-        o = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-        for k0 in range(0, T, BLOCK_N):
-            offs_k = k0 + tl.arange(0, BLOCK_N)
-            mask_k = offs_k < T
-            if FROM_QK:  # P tile = exp(s - lse); keys past T have s = -inf
-                kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_dk, mask_dk)
-                logits = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE),
-                                     QK_PRECISION)
-                p = tl.where(mask_m[:, None], tl.exp(logits - lse.to(tl.float32)[:, None]), 0.0)
-            else:
-                p = tl.load(p_row + q[:, None] * stride_aq + offs_k[None, :] * stride_ak,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            kd = tl.load(d_row + offs_k * stride_dt, mask=mask_k, other=0).to(tl.int64)
-            vt = tl.load(v_row + kd[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                         mask=mask_k[:, None] & mask_d[None, :], other=0.0)
-            # The reference multiplies attn.to(v.dtype) @ v; same operand rounding here.
-            o = tl.dot(p.to(vt.dtype), vt, o, input_precision=PV_PRECISION)
-
-        sel = tl.where(slot_q[None, :] == offs_s[:, None], w[None, :], 0.0)
-        acc = tl.dot(sel, o, acc, input_precision="ieee")  # fp32 weights stay exact
-        den += tl.sum(sel, axis=1)
-
-    mask_s = offs_s < T_out
-    # An empty slot gives 0/0 = NaN, like the reference; rows past T' divide by 1.
-    out = acc / tl.where(mask_s, den, 1.0)[:, None]
-    dst = out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot + offs_d[None, :]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_d[None, :])
-    tl.store(den_ptr + b * T_out + offs_s, den.to(tl.float32), mask=mask_s & (h == 0))
+    # Slots with no member (never from match) get NaN, as the reference's 0/0: each
+    # program checks its share of the slot ids.
+    nan_rows = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32).to(out_dtype)
+    for s0 in range(row0, T_out, tl.num_programs(1) * BLOCK_M):
+        offs_s = s0 + offs_j
+        mask_s = offs_s < T_out
+        lo = tl.load(starts_row + offs_s, mask=mask_s, other=0)
+        hi = tl.load(starts_row + offs_s + 1, mask=mask_s, other=0)
+        empty = mask_s & (hi <= lo)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot + offs_d[None, :], nan_rows,
+                 mask=empty[:, None] & mask_d[None, :])
+        tl.store(den_ptr + b * T_out + offs_s, tl.zeros([BLOCK_M], tl.float32), mask=empty & (h == 0))

@@ -1,7 +1,8 @@
 """What every launcher shares: custom-op registration, launch wrapping, block sizes."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, ContextManager, Optional
 
 import torch
 import triton
@@ -64,3 +65,10 @@ def last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     """Strides are passed to the kernels; copy only when the channel dim is strided
     (a strided last dim would make every load uncoalesced)."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def device_guard(t: torch.Tensor) -> ContextManager:
+    """Make ``t``'s CUDA device current for the launches inside: Triton launches on the
+    current device, so a model on cuda:1 would otherwise run on (or fault against)
+    cuda:0. A no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

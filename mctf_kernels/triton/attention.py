@@ -19,8 +19,9 @@ import triton.language as tl
 from .._checks import check_dest
 from ..attention import attention_received_reference, fused_attention_output_reference  # noqa: F401
 from ..merge import pooling_weights
+from . import configs
 from ._attention_kernel import _attention_received_kernel, _fused_attention_output_kernel
-from ._common import block_size, custom_op, interpreting, last_dim_unit, wrap
+from ._common import block_size, custom_op, device_guard, interpreting, last_dim_unit, wrap
 from .merge import slot_index
 
 
@@ -33,9 +34,10 @@ def _attention_received_impl(attn: torch.Tensor) -> torch.Tensor:
     BLOCK_K = block_size(T, 64)
     BLOCK_Q = 128 if interpreting() else 32
     grid = (B * H, triton.cdiv(T, BLOCK_K))
-    wrap(_attention_received_kernel)[grid](
-        attn, *attn.stride(), part, H, T, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4,
-    )
+    with device_guard(attn):
+        wrap(_attention_received_kernel)[grid](
+            attn, *attn.stride(), part, H, T, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4,
+        )
     # Heads are summed here in a fixed order (deterministic, no atomics); the
     # partials are T times smaller than attn.
     return part.sum(dim=1) / (H * T)
@@ -71,69 +73,63 @@ def launch_fused_output(
     *,
     attn: Optional[torch.Tensor] = None,
     qk: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], float]] = None,
+    slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One launch of ``_fused_attention_output_kernel``: P' @ V' (B, H, T', D) and the
     slot sums of the pooling weights den (B, T'), P read from ``attn`` (B, H, T, T) or
-    recomputed from ``qk = (q, k, lse, log_size, scale)`` (flash-style, FROM_QK)."""
+    recomputed from ``qk = (q, k, lse, log_size, scale)`` (flash-style, FROM_QK).
+    ``slots = (order, starts)`` is ``slot_index(dest, t_out)``, computed here when None.
+    The output is a (B, H, T', D) view of (B, T', H, D) storage: the layout ``proj`` reads."""
     v = last_dim_unit(v)
     B, H, _, D = v.shape
     T = dest.shape[1]
     device = v.device
-    order, starts = slot_index(dest, t_out)
-    out = torch.empty(B, H, t_out, D, device=device, dtype=v.dtype)
-    den = torch.empty(B, t_out, device=device, dtype=torch.float32)
+    with device_guard(v):
+        order, starts = slot_index(dest, t_out) if slots is None else slots
+        order, starts = order.contiguous(), starts.contiguous()
+        out = torch.empty(B, t_out, H, D, device=device, dtype=v.dtype).transpose(1, 2)
+        den = torch.empty(B, t_out, device=device, dtype=torch.float32)
 
-    has_size = size is not None
-    size_arg, ss = (size, size.stride()) if has_size else (den, (0, 0))
-    if mode == 1:
-        am_arg, sm = attn_received, attn_received.stride()
-    else:
-        am_arg, sm = den, (0, 0)
-    smax = size.float().amax(dim=1) if has_size and mode == 1 else den
+        has_size = size is not None
+        size_arg, ss = (size, size.stride()) if has_size else (den, (0, 0))
+        am_arg, sm = (attn_received, attn_received.stride()) if mode == 1 else (den, (0, 0))
 
-    from_qk = qk is not None
-    if from_qk:
-        q, k, lse, log_size, scale = qk
-        q, k = last_dim_unit(q), last_dim_unit(k)
-        D_QK = q.shape[-1]
-        attn_arg, sa = den, (0, 0, 0, 0)
-        has_log_size = log_size is not None
-        logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (den, (0, 0))
-        q_args = (q, *q.stride(), k, *k.stride(), lse, *lse.stride(), logs_arg, *sl, float(scale))
-        qk_precision = _pv_precision(q.dtype)
-    else:
-        attn = last_dim_unit(attn)
-        D_QK, has_log_size, qk_precision = 16, False, "ieee"
-        attn_arg, sa = attn, attn.stride()
-        q_args = (den, 0, 0, 0, 0, den, 0, 0, 0, 0, den, 0, 0, 0, den, 0, 0, 1.0)
+        from_qk = qk is not None
+        if from_qk:
+            q, k, lse, log_size, scale = qk
+            q, k = last_dim_unit(q), last_dim_unit(k)
+            D_QK = q.shape[-1]
+            attn_arg, sa = den, (0, 0, 0, 0)
+            has_log_size = log_size is not None
+            logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (den, (0, 0))
+            q_args = (q, *q.stride(), k, *k.stride(), lse, *lse.stride(), logs_arg, *sl, float(scale))
+            qk_precision = _pv_precision(q.dtype)
+        else:
+            attn = last_dim_unit(attn)
+            D_QK, has_log_size, qk_precision = 16, False, "ieee"
+            attn_arg, sa = attn, attn.stride()
+            q_args = (den, 0, 0, 0, 0, den, 0, 0, 0, 0, den, 0, 0, 0, den, 0, 0, 1.0)
 
-    BLOCK_D = block_size(D, 256)
-    BLOCK_DK = block_size(D_QK, 256) if from_qk else 16
-    if interpreting():
-        BLOCK_S, BLOCK_M, BLOCK_N = 64, 128, 128
-    else:
-        # ~1 member step per program at MCTF's merge ratios (T'/T ~ 0.9).
-        BLOCK_S, BLOCK_M = 32, 64
-        BLOCK_N = 64 if max(BLOCK_D, BLOCK_DK) <= 64 else 32
-    grid = (B * H, triton.cdiv(t_out, BLOCK_S))
-    wrap(_fused_attention_output_kernel)[grid](
-        attn_arg, *sa,
-        *q_args,
-        v, *v.stride(),
-        dest, *dest.stride(),
-        order, starts,
-        size_arg, ss[0], ss[1],
-        am_arg, sm[0], sm[1],
-        smax,
-        out, *out.stride()[:3],
-        den,
-        H, T, t_out, D, D_QK,
-        MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=has_log_size,
-        QK_PRECISION=qk_precision, PV_PRECISION=_pv_precision(v.dtype),
-        ACC_DTYPE=tl.float64 if v.dtype == torch.float64 else tl.float32,
-        BLOCK_S=BLOCK_S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DK=BLOCK_DK,
-        num_warps=4 if max(BLOCK_D, BLOCK_DK) <= 64 else 8,
-    )
+        cfg = configs.attention_output_config(D, D_QK, configs.gpu_configs(device),
+                                              v.dtype in (torch.float32, torch.float64))
+        grid = (B * H, triton.cdiv(T, cfg["BLOCK_M"]))
+        wrap(_fused_attention_output_kernel)[grid](
+            attn_arg, *sa,
+            *q_args,
+            v, *v.stride(),
+            dest, *dest.stride(),
+            order, starts,
+            size_arg, ss[0], ss[1],
+            am_arg, sm[0], sm[1],
+            out, *out.stride()[:3],
+            den,
+            H, T, t_out, D, D_QK,
+            MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=has_log_size,
+            QK_PRECISION=qk_precision, PV_PRECISION=_pv_precision(v.dtype),
+            ACC_DTYPE=tl.float64 if v.dtype == torch.float64 else tl.float32,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DK=cfg["BLOCK_DK"],
+            BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+        )
     return out, den
 
 
@@ -145,8 +141,11 @@ def _fused_impl(
     size: Optional[torch.Tensor],
     attn_received: Optional[torch.Tensor],
     mode: int,
+    order: Optional[torch.Tensor],
+    starts: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return launch_fused_output(v, dest, t_out, size, attn_received, mode, attn=attn)
+    slots = None if order is None else (order, starts)
+    return launch_fused_output(v, dest, t_out, size, attn_received, mode, attn=attn, slots=slots)
 
 
 def fused_attention_output_backward(
@@ -182,7 +181,7 @@ def fused_attention_output_backward(
 
 
 def _fused_setup(ctx, inputs, output) -> None:
-    attn, v, dest, _t_out, size, attn_received, mode = inputs
+    attn, v, dest, _t_out, size, attn_received, mode, _order, _starts = inputs
     _out, den = output
     ctx.mode = mode
     ctx.save_for_backward(attn, v, dest, den, size, attn_received)
@@ -191,7 +190,7 @@ def _fused_setup(ctx, inputs, output) -> None:
 def _fused_backward(ctx, grad_out, _grad_den):
     attn, v, dest, den, size, attn_received = ctx.saved_tensors
     grad_attn, grad_v = fused_attention_output_backward(grad_out, attn, v, dest, den, size, attn_received, ctx.mode)
-    return grad_attn, grad_v, None, None, None, None, None
+    return grad_attn, grad_v, None, None, None, None, None, None, None
 
 
 attention_received_op = custom_op("attention_received", _attention_received_impl,
@@ -218,6 +217,20 @@ def check_output_args(op: str, bht, v, dest, t_out, size, attn_received, mode, d
             raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {device}")
 
 
+def check_slots(slots, B: int, T: int, t_out: int, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A precomputed slot index ``(order, starts)``: int32/int64 (B, T) and (B, T'+1) on
+    ``device``. Its values are not checked (a host sync); the kernel clamps every index
+    it reads, so wrong values give wrong numbers, never an access outside a tensor."""
+    if slots is None:
+        return None, None
+    order, starts = slots
+    for name, t, shape in (("order", order, (B, T)), ("starts", starts, (B, t_out + 1))):
+        if (not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape
+                or t.device != device):
+            raise ValueError(f"slots: {name} must be int32/int64 of shape {shape} on {device}")
+    return order, starts
+
+
 def attention_received(attn: torch.Tensor) -> torch.Tensor:
     """Triton ``attention_received``: (B, H, T, T) -> (B, T) float32."""
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
@@ -234,11 +247,14 @@ def fused_attention_output(
     attn_received: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Triton ``fused_attention_output``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3."""
+    """Triton ``fused_attention_output``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3
+    (a view of (B, T', H, D) storage). ``slots``: ``slot_index(dest, t_out)`` if already known."""
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attn must have shape (B, H, T, T), got {tuple(attn.shape)}")
     check_output_args("fused_attention_output", attn.shape[:3], v, dest, t_out, size, attn_received, mode,
                       attn.device)
-    out, _den = fused_op(attn, v, dest, t_out, size, attn_received, mode)
+    order, starts = check_slots(slots, attn.shape[0], attn.shape[2], t_out, attn.device)
+    out, _den = fused_op(attn, v, dest, t_out, size, attn_received, mode, order, starts)
     return out

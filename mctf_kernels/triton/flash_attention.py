@@ -1,22 +1,22 @@
-"""Triton launchers of the flash-style one-step-ahead attention (SPEC section 6):
-``fusion_attention`` and ``fused_attention_output_qk``. Their eager references are
-``fusion_attention_reference`` and ``fused_attention_output_qk_reference`` in
-``mctf_kernels.attention``.
+"""Triton launchers of the flash-style one-step-ahead attention (docs/algorithm.md,
+"One-step-ahead attention"): ``fusion_attention`` and ``fused_attention_output_qk``.
+Their eager references are ``fusion_attention_reference`` and
+``fused_attention_output_qk_reference`` in ``mctf_kernels.attention``.
 
-The (B, H, T, T) attention is never written to memory:
+The (B, H, T, T) attention is never written to memory. Per fused layer q.k^T is
+computed twice for T <= 256 (three times above: the received kernel then loops twice):
 
-- ``fusion_attention`` (``mctf::fusion_attention``): launch 1 computes each query's
-  log-sum-exp ``lse`` (B, H, T) over key blocks with an online max / sum; launch 2
-  recomputes P = exp(s - lse) per key block and sums it over the queries (per head);
-  the heads are summed in a fixed order, so ``received`` is deterministic.
-- ``fused_attention_output_qk`` (``mctf::fused_attention_output_qk``): the kernel of
-  ``fused_attention_output`` with ``FROM_QK``, recomputing each P tile from q, k and
-  ``lse`` instead of loading it.
+- ``fusion_attention`` (``mctf::fusion_attention``): one launch computes each query's
+  log-sum-exp ``lse`` (B, H, T) and per-query-block column sums of P; one ``sum`` over
+  those partials, in a fixed order, gives ``received`` (deterministic, no atomics).
+- ``fused_attention_output_qk`` (``mctf::fused_attention_output_qk``): one launch of
+  ``fused_attention_output``'s kernel with ``FROM_QK``, recomputing each P tile from q,
+  k and ``lse`` over the queries in slot order.
 
-Logits are ``(q * scale rounded to q's dtype) @ k^T`` accumulated in float32, plus
-``log_size`` on each key in float32; softmax in float32. The reference rounds logits
-and probabilities to q's dtype, so for half-precision models the kernels are the more
-accurate of the two.
+Logits are ``(q * scale rounded to q's dtype) @ k^T`` accumulated in float32 (tensor
+cores for half inputs), plus ``log_size`` on each key in float32; softmax in float32.
+The reference rounds logits and probabilities to q's dtype, so for half-precision
+models the kernels are the more accurate of the two.
 
 Autograd: ``fusion_attention``'s outputs (``received``, ``lse``) carry no gradient
 (they drive the matching under no_grad); the op runs on detached q, k, and the
@@ -41,37 +41,33 @@ from ..attention import (  # noqa: F401  (the references beside their launchers)
     fused_attention_output_qk_reference,
     fusion_attention_reference,
 )
-from ._flash_attention_kernel import _attention_lse_kernel, _attention_received_qk_kernel
-from .attention import _pv_precision, check_output_args, fused_attention_output_backward, launch_fused_output
-from ._common import block_size, custom_op, interpreting, last_dim_unit, wrap
+from . import configs
+from ._common import custom_op, device_guard, last_dim_unit, wrap
+from ._flash_attention_kernel import _attention_lse_received_kernel
+from .attention import _pv_precision, check_output_args, check_slots, fused_attention_output_backward, launch_fused_output
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _qk_blocks(D: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the two fusion_attention launches."""
-    BLOCK_D = block_size(D, 256)
-    if interpreting():  # one numpy op per program: fewest, largest programs
-        return 128, 128, BLOCK_D, 4
-    if BLOCK_D <= 64:
-        return 64, 64, BLOCK_D, 4
-    return 64, 32, BLOCK_D, 8
-
-
-def _launch_lse(q, k, log_size, scale) -> torch.Tensor:
-    """Per-query log-sum-exp of the logits (B, H, T) float32 (launch 1)."""
+def _launch_lse_received(q, k, log_size, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One launch: lse (B, H, T) float32 and the per-query-block column sums of P,
+    already divided by H * T, as (B, H * n_blocks, T) float32."""
     B, H, T, D = q.shape
+    cfg = configs.attention_received_qk_config(T, D, configs.gpu_configs(q.device),
+                                               q.dtype in (torch.float32, torch.float64))
+    n_mb = triton.cdiv(T, cfg["BLOCK_M"])
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    part = torch.empty(B, H * n_mb, T, device=q.device, dtype=torch.float32)
     has_log_size = log_size is not None
     logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (lse, (0, 0))
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _qk_blocks(D)
-    grid = (B * H, triton.cdiv(T, BLOCK_M))
-    wrap(_attention_lse_kernel)[grid](
-        q, *q.stride(), k, *k.stride(), logs_arg, *sl, lse, float(scale), H, T, D,
-        HAS_LOG_SIZE=has_log_size, QK_PRECISION=_pv_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
-    return lse
+    with device_guard(q):
+        wrap(_attention_lse_received_kernel)[(B * H, n_mb)](
+            q, *q.stride(), k, *k.stride(), logs_arg, *sl, lse, part, float(scale), 1.0 / (H * T), H, T, D,
+            HAS_LOG_SIZE=has_log_size, QK_PRECISION=_pv_precision(q.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"],
+            num_warps=cfg["num_warps"],
+        )
+    return lse, part
 
 
 # ---------------------------------------------------------------- fusion_attention
@@ -80,20 +76,9 @@ def _fusion_attention_impl(
     q: torch.Tensor, k: torch.Tensor, log_size: Optional[torch.Tensor], scale: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k = last_dim_unit(q), last_dim_unit(k)
-    B, H, T, D = q.shape
-    lse = _launch_lse(q, k, log_size, scale)
-    part = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    has_log_size = log_size is not None
-    logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (lse, (0, 0))
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _qk_blocks(D)
-    grid = (B * H, triton.cdiv(T, BLOCK_N))
-    wrap(_attention_received_qk_kernel)[grid](
-        q, *q.stride(), k, *k.stride(), logs_arg, *sl, lse, part, float(scale), H, T, D,
-        HAS_LOG_SIZE=has_log_size, QK_PRECISION=_pv_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
-    # Heads summed in a fixed order (deterministic, no atomics).
-    return part.sum(dim=1) / (H * T), lse
+    lse, part = _launch_lse_received(q, k, log_size, scale)
+    # Heads and query blocks summed in a fixed order (deterministic, no atomics).
+    return part.sum(dim=1), lse
 
 
 # ---------------------------------------------------------------- fused_attention_output_qk
@@ -110,15 +95,19 @@ def _fused_qk_impl(
     size: Optional[torch.Tensor],
     attn_received: Optional[torch.Tensor],
     mode: int,
+    order: Optional[torch.Tensor],
+    starts: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k = last_dim_unit(q), last_dim_unit(k)
     if lse is None:
-        lse = _launch_lse(q, k, log_size, scale)
-    return launch_fused_output(v, dest, t_out, size, attn_received, mode, qk=(q, k, lse, log_size, scale))
+        lse, _part = _launch_lse_received(q, k, log_size, scale)
+    slots = None if order is None else (order, starts)
+    return launch_fused_output(v, dest, t_out, size, attn_received, mode, qk=(q, k, lse, log_size, scale),
+                               slots=slots)
 
 
 def _fused_qk_setup(ctx, inputs, output) -> None:
-    q, k, _lse, log_size, scale, v, dest, t_out, size, attn_received, mode = inputs
+    q, k, _lse, log_size, scale, v, dest, t_out, size, attn_received, mode, _order, _starts = inputs
     _out, den = output
     ctx.scale, ctx.mode = scale, mode
     ctx.save_for_backward(q, k, v, dest, den, log_size, size, attn_received)
@@ -136,7 +125,8 @@ def _fused_qk_backward(ctx, grad_out, _grad_den):
         grad_out, probs.detach(), v, dest, den, size, attn_received, ctx.mode
     )
     grad_q, grad_k = torch.autograd.grad(probs, (q_, k_), grad_p.to(dtype))
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None, grad_v, None, None, None, None, None
+    return (grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None, grad_v, None, None, None, None, None,
+            None, None)
 
 
 fusion_attention_op = custom_op("fusion_attention", _fusion_attention_impl)
@@ -180,15 +170,20 @@ def fused_attention_output_qk(
     attn_received: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Triton ``fused_attention_output_qk``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3,
-    recomputing P from q, k (and ``lse``; computed here when None)."""
+    recomputing P from q, k (and ``lse``; computed here when None). ``slots`` is the slot
+    index ``(order, starts)`` of ``dest`` (``slot_index(dest, t_out)``) when the caller
+    already has it. The result is a (B, H, T', D) view of (B, T', H, D) storage, the
+    layout the output projection reads."""
     _check_qk(q, k, log_size)
     B, H, T, _ = q.shape
     check_output_args("fused_attention_output_qk", (B, H, T), v, dest, t_out, size, attn_received, mode, q.device)
     if lse is not None and (tuple(lse.shape) != (B, H, T) or lse.dtype != torch.float32 or lse.device != q.device):
         raise ValueError(f"lse must be float32 of shape (B, H, T) = ({B}, {H}, {T}) on {q.device}")
     detach = (lambda t: None if t is None else t.detach())
+    order, starts = check_slots(slots, B, T, t_out, q.device)
     out, _den = fused_qk_op(q, k, detach(lse), detach(log_size), float(scale), v, dest, t_out,
-                            detach(size), detach(attn_received), mode)
+                            detach(size), detach(attn_received), mode, order, starts)
     return out
