@@ -17,6 +17,7 @@ from .attention import (
 )
 from .match import _check_r, match_reference
 from .merge import merge_reference
+from .slots import SlotIndex, slot_index_reference
 
 
 def match(
@@ -48,6 +49,33 @@ def match(
     return launcher(x, r, attn_received, size, **kwargs)
 
 
+def slot_index(dest: torch.Tensor, t_out: int) -> SlotIndex:
+    """The members of each output slot of ``dest`` (B, T): ``SlotIndex(order (B, T), starts
+    (B, T'+1))``, int64; slot o holds ``order[b, starts[b, o]:starts[b, o+1]]`` in ascending
+    token order. Tokens with a slot outside [0, T') are in none (listed last). Compute it
+    once per slot map and pass it as ``slots=`` to ``merge`` and the attention outputs."""
+    if not isinstance(dest, torch.Tensor) or dest.dim() != 2 or dest.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"dest must be an int64 or int32 tensor of shape (B, T), got {getattr(dest, 'shape', dest)!r}")
+    if isinstance(t_out, bool) or not isinstance(t_out, int) or t_out < 0:
+        raise ValueError(f"t_out must be a non-negative int, got {t_out!r}")
+    launcher = dispatch.select("slot_index", dest.device)
+    if launcher is None:
+        return slot_index_reference(dest, t_out)
+    return launcher(dest, t_out)
+
+
+def _check_slots(slots, B: int, T: int, t_out: int, device: torch.device) -> None:
+    """``slots`` must be a slot index (order, starts) for a (B, T) map with T' = t_out slots."""
+    if slots is None:
+        return
+    if not isinstance(slots, tuple) or len(slots) != 2:
+        raise ValueError("slots must be the (order, starts) pair from mctf_kernels.slot_index")
+    for name, t, shape in (("order", slots[0], (B, T)), ("starts", slots[1], (B, t_out + 1))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.int64 or t.device != device:
+            raise ValueError(f"slots.{name} must be int64 of shape {shape} on {device}, "
+                             f"got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+
+
 def merge(
     x: torch.Tensor,
     dest: torch.Tensor,
@@ -57,9 +85,11 @@ def merge(
     *,
     mode: int = 1,
     source: Optional[torch.Tensor] = None,
+    slots: Optional[SlotIndex] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Pool tokens sharing a slot. Returns (x' (B, T', C), size' (B, T') float32,
-    source' (B, T', N) or None). ``size=None`` means all ones."""
+    source' (B, T', N) or None). ``size=None`` means all ones. ``slots``: ``slot_index(dest,
+    t_out)`` when already computed (the reference does not need it)."""
     check_tokens("x", x)
     B, T, _ = x.shape
     check_dest(dest, B, T, t_out, x.device)
@@ -68,10 +98,11 @@ def merge(
     check_pooling(mode)
     if mode == 1 and attn_received is None:
         raise ValueError("merge mode 1 (attention-and-size pooling) needs attn_received")
+    _check_slots(slots, B, T, t_out, x.device)
     launcher = dispatch.select("merge", x.device)
     if launcher is None:
         return merge_reference(x, dest, t_out, size, attn_received, mode=mode, source=source)
-    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source)
+    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots)
 
 
 def attention_received(attn: torch.Tensor) -> torch.Tensor:
@@ -93,19 +124,22 @@ def fused_attention_output(
     attn_received: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots: Optional[SlotIndex] = None,
 ) -> torch.Tensor:
     """One-step-ahead attention output P' @ V' (B, H, T', D) without forming P'
-    (except max pooling, whose P' does not factor)."""
+    (except max pooling, whose P' does not factor). ``slots`` as in ``merge``."""
     if not isinstance(attn, torch.Tensor) or attn.dim() != 4:
         raise ValueError(f"attn must be a tensor of shape (B, H, T, T), got {getattr(attn, 'shape', attn)!r}")
     check_pooling(mode)
     if mode == 1 and attn_received is None:
         raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
     extra = "max pooling forms P' (no fused kernel)" if mode == 2 else None
+    if isinstance(dest, torch.Tensor) and dest.dim() == 2:
+        _check_slots(slots, dest.shape[0], dest.shape[1], t_out, attn.device)
     launcher = dispatch.select("fused_attention_output", attn.device, extra if dispatch.get_backend() != "reference" else None)
     if launcher is None:
         return fused_attention_output_reference(attn, v, dest, t_out, size, attn_received, mode=mode)
-    return launcher(attn, v, dest, t_out, size, attn_received, mode=mode)
+    return launcher(attn, v, dest, t_out, size, attn_received, mode=mode, slots=slots)
 
 
 def fusion_attention(
@@ -150,19 +184,22 @@ def fused_attention_output_from(
     size: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots: Optional[SlotIndex] = None,
 ) -> torch.Tensor:
-    """One-step-ahead output P' @ V' (B, H, T', D) from ``fusion_attention``'s result."""
+    """One-step-ahead output P' @ V' (B, H, T', D) from ``fusion_attention``'s result.
+    ``slots`` as in ``merge``."""
     if not isinstance(att, FusionAttention):
         raise TypeError(f"att must be the FusionAttention from fusion_attention, got {type(att).__name__}")
     if att.probs is not None:
-        return fused_attention_output(att.probs, v, dest, t_out, size, att.received, mode=mode)
+        return fused_attention_output(att.probs, v, dest, t_out, size, att.received, mode=mode, slots=slots)
     check_pooling(mode)
     B, H, T, _ = att.q.shape
     if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
         raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
     check_dest(dest, B, T, t_out, v.device)
+    _check_slots(slots, B, T, t_out, v.device)
     launcher = dispatch.select("fused_attention_output_qk", v.device)
     args = (att.q, att.k, att.lse, att.log_size, att.scale, v, dest, t_out, size, att.received)
     if launcher is None:
         return fused_attention_output_qk_reference(*args, mode=mode)
-    return launcher(*args, mode=mode)
+    return launcher(*args, mode=mode, slots=slots)

@@ -234,6 +234,7 @@ def fused_attention_output(
     attn_received: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots=None,  # placeholder: the attention branch uses a precomputed slot index
 ) -> torch.Tensor:
     """Triton ``fused_attention_output``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3."""
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:

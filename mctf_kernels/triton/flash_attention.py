@@ -180,6 +180,7 @@ def fused_attention_output_qk(
     attn_received: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots=None,  # placeholder: the attention branch uses a precomputed slot index
 ) -> torch.Tensor:
     """Triton ``fused_attention_output_qk``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3,
     recomputing P from q, k (and ``lse``; computed here when None)."""
