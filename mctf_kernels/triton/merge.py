@@ -18,7 +18,14 @@ from ..merge import merge_reference, pooling_weights  # noqa: F401  (the referen
 from ._common import custom_op, last_dim_unit, wrap
 from ._merge_kernel import _merge_kernel
 from .configs import merge_config
-from .slots import launch_slot_index, slot_index  # noqa: F401  (slot_index: old import path, kept for now)
+from .slots import SlotIndex, launch_slot_index
+
+
+def slot_index(dest: torch.Tensor, t_out: int) -> SlotIndex:
+    """The slot index launched directly (no custom op: callers are inside one). Kept here
+    for the attention launcher's import until it takes the layer's shared index."""
+    return SlotIndex(*launch_slot_index(dest, t_out))
+
 
 def launch_merge(
     x: torch.Tensor,
