@@ -58,6 +58,7 @@ def test_fused_layer_kernel_budget(label):
         assert (qk_casts, v_casts) == (1, 1), fused
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches on CPU")
 @pytest.mark.xfail(strict=True, reason="the attention output takes the shared slot index on the attention branch")
 def test_one_slot_index_per_fused_layer():
     for blk in _count("fp16 model")[1:]:
