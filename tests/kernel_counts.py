@@ -66,36 +66,38 @@ class _Mode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _triton_launches(counter: _Counter) -> Iterator[None]:
-    """Record every Triton kernel launch (interpreter or JIT)."""
-    patched = []
-    classes = []
+    """Record every Triton kernel launch: the interpreter's grid executor (every
+    interpreted launch passes through it, whatever wraps the kernel's ``run``) or,
+    on a GPU, ``JITFunction.run``."""
+    from triton.runtime.jit import JITFunction
+
+    targets = [(JITFunction, "run", lambda self: self.fn.__name__)]
     try:
-        from triton.runtime.interpreter import InterpretedFunction
-        classes.append(InterpretedFunction)
+        from triton.runtime.interpreter import GridExecutor
+        targets.append((GridExecutor, "__call__", lambda self: self.fn.__name__))
     except ImportError:  # pragma: no cover
         pass
-    from triton.runtime.jit import JITFunction
-    classes.append(JITFunction)
-    for cls in classes:
-        original = cls.run
+    patched = []
+    for cls, attr, name_of in targets:
+        original = getattr(cls, attr)
 
-        def run(self, *args, _original=original, **kwargs):
+        def launch(self, *args, _original=original, _name_of=name_of, **kwargs):
             if kwargs.get("warmup", False) or counter.in_triton:
                 return _original(self, *args, **kwargs)
-            counter.events.append("triton." + (getattr(self, "__name__", None) or self.fn.__name__))
-            counter.in_triton = True
+            counter.events.append("triton." + _name_of(self))
+            counter.in_triton = True  # the interpreter's own tensor ops are not kernels
             try:
                 return _original(self, *args, **kwargs)
             finally:
                 counter.in_triton = False
 
-        cls.run = run
-        patched.append((cls, original))
+        setattr(cls, attr, launch)
+        patched.append((cls, attr, original))
     try:
         yield
     finally:
-        for cls, original in patched:
-            cls.run = original
+        for cls, attr, original in patched:
+            setattr(cls, attr, original)
 
 
 def per_block_kernels(model: torch.nn.Module, x: torch.Tensor, autocast_dtype=None) -> List[List[str]]:
