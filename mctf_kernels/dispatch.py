@@ -13,7 +13,6 @@ Choose with the environment variable ``MCTF_BACKEND`` or ``set_backend(name)``;
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 from typing import Callable, Iterator, Optional
@@ -63,13 +62,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
+def _import_triton() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton cannot be imported ({exc.__class__.__name__}: {exc})"
     return None
+
+
+# Read once at import: a plain value keeps dispatch traceable by torch.compile (a cached
+# function, e.g. functools.lru_cache, makes every compile of a patched model warn).
+_TRITON_IMPORT_ERROR: Optional[str] = _import_triton()
 
 
 def _triton_launcher(op: str) -> Optional[Callable]:
@@ -80,9 +83,8 @@ def _triton_launcher(op: str) -> Optional[Callable]:
 
 def triton_unavailable_reason(op: str, device: torch.device, backend: str) -> Optional[str]:
     """Why Triton cannot serve ``op`` on ``device``; None when it can."""
-    error = _triton_import_error()
-    if error:
-        return error
+    if _TRITON_IMPORT_ERROR:
+        return _TRITON_IMPORT_ERROR
     if device.type == "cpu":
         if not interpreter_enabled():
             return "Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"

@@ -42,6 +42,7 @@ from .attention import (
 )
 from .match import _check_r, match_reference
 from .merge import merge_reference
+from .slots import SlotIndex, slot_index_reference
 
 _MAX_POOLING_REASON = "max pooling (mode 2) forms P' (no fused kernel)"
 
@@ -104,6 +105,33 @@ def match(
     return launcher(x, r, attn_received, size, **kwargs)
 
 
+def slot_index(dest: torch.Tensor, t_out: int) -> SlotIndex:
+    """The members of each output slot of ``dest`` (B, T): ``SlotIndex(order (B, T), starts
+    (B, T'+1))``, int64; slot o holds ``order[b, starts[b, o]:starts[b, o+1]]`` in ascending
+    token order. Tokens with a slot outside [0, T') are in none (listed last). Compute it
+    once per slot map and pass it as ``slots=`` to ``merge`` and the attention outputs."""
+    if not isinstance(dest, torch.Tensor) or dest.dim() != 2 or dest.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"dest must be an int64 or int32 tensor of shape (B, T), got {getattr(dest, 'shape', dest)!r}")
+    if isinstance(t_out, bool) or not isinstance(t_out, int) or t_out < 0:
+        raise ValueError(f"t_out must be a non-negative int, got {t_out!r}")
+    launcher = dispatch.select("slot_index", dest.device)
+    if launcher is None:
+        return slot_index_reference(dest, t_out)
+    return launcher(dest, t_out)
+
+
+def _check_slots(slots, B: int, T: int, t_out: int, device: torch.device) -> None:
+    """``slots`` must be a slot index (order, starts) for a (B, T) map with T' = t_out slots."""
+    if slots is None:
+        return
+    if not isinstance(slots, tuple) or len(slots) != 2:
+        raise ValueError("slots must be the (order, starts) pair from mctf_kernels.slot_index")
+    for name, t, shape in (("order", slots[0], (B, T)), ("starts", slots[1], (B, t_out + 1))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.int64 or t.device != device:
+            raise ValueError(f"slots.{name} must be int64 of shape {shape} on {device}, "
+                             f"got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+
+
 def merge(
     x: torch.Tensor,
     dest: torch.Tensor,
@@ -113,6 +141,7 @@ def merge(
     *,
     mode: int = 1,
     source: Optional[torch.Tensor] = None,
+    slots: Optional[SlotIndex] = None,
     validate: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Pool tokens sharing a slot. Returns (x' (B, T', C), size' (B, T') float32,
@@ -122,7 +151,8 @@ def merge(
     attention) is the unweighted mean of its members; a NaN or inf in a token reaches
     only its own slot's row (docs/algorithm.md, "Accepted inputs"). ``validate``
     (default ``$MCTF_VALIDATE``): also check ``dest``'s values (in [0, t_out), every slot
-    used), positive sizes and finite inputs (a host sync).
+    used), positive sizes and finite inputs (a host sync). ``slots``: ``slot_index(dest,
+    t_out)`` when already computed (the reference does not need it).
     """
     check_tokens("x", x)
     B, T, _ = x.shape
@@ -133,6 +163,7 @@ def merge(
     if mode == 1 and attn_received is None:
         raise ValueError("merge mode 1 (attention-and-size pooling) needs attn_received")
     check_source(source, B, T, x.device)
+    _check_slots(slots, B, T, t_out, x.device)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
         check_finite("x", x)
@@ -141,7 +172,7 @@ def merge(
     launcher = dispatch.select("merge", x.device, _interpreter_bf16_reason(x.device, (x, size, attn_received, source)))
     if launcher is None or B == 0:
         return merge_reference(x, dest, t_out, size, attn_received, mode=mode, source=source)
-    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source)
+    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots)
 
 
 def attention_received(attn: torch.Tensor, *, validate: Optional[bool] = None) -> torch.Tensor:
@@ -179,6 +210,7 @@ def fused_attention_output(
     attn_received: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots: Optional[SlotIndex] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """One-step-ahead attention output P' @ V' (B, H, T', D) without forming P'
@@ -188,11 +220,12 @@ def fused_attention_output(
     the unweighted mean of its members' rows; a NaN in row q of P reaches only output row
     ``dest[q]`` (a NaN in V' reaches every row: every query reads every value).
     ``validate`` (default ``$MCTF_VALIDATE``): also check ``dest``'s values, positive
-    sizes and finite inputs (a host sync). See docs/algorithm.md, "Accepted inputs".
+    sizes and finite inputs (a host sync). ``slots`` as in ``merge``. See docs/algorithm.md, "Accepted inputs".
     """
     check_attention("attn", attn)
     B, H, T, _ = attn.shape
     _check_output_args(B, H, T, v, dest, t_out, size, attn_received, mode, attn.device)
+    _check_slots(slots, B, T, t_out, attn.device)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
         check_finite("attn", attn)
@@ -204,7 +237,7 @@ def fused_attention_output(
     launcher = dispatch.select("fused_attention_output", attn.device, reason)
     if launcher is None or B == 0:
         return fused_attention_output_reference(attn, v, dest, t_out, size, attn_received, mode=mode)
-    return launcher(attn, v, dest, t_out, size, attn_received, mode=mode)
+    return launcher(attn, v, dest, t_out, size, attn_received, mode=mode, slots=slots)
 
 
 def fusion_attention(
@@ -253,16 +286,19 @@ def fused_attention_output_from(
     size: Optional[torch.Tensor] = None,
     *,
     mode: int = 1,
+    slots: Optional[SlotIndex] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """One-step-ahead output P' @ V' (B, H, T', D) from ``fusion_attention``'s result,
-    with ``fused_attention_output``'s pooling, zero-weight and NaN rules."""
+    with ``fused_attention_output``'s pooling, zero-weight and NaN rules.
+    ``slots`` as in ``merge``."""
     if not isinstance(att, FusionAttention):
         raise TypeError(f"att must be the FusionAttention from fusion_attention, got {type(att).__name__}")
     if att.probs is not None:
-        return fused_attention_output(att.probs, v, dest, t_out, size, att.received, mode=mode, validate=validate)
+        return fused_attention_output(att.probs, v, dest, t_out, size, att.received, mode=mode, slots=slots, validate=validate)
     B, H, T, _ = att.q.shape
     _check_output_args(B, H, T, v, dest, t_out, size, att.received, mode, att.q.device)
+    _check_slots(slots, B, T, t_out, v.device)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
         check_finite("v", v)
@@ -273,4 +309,4 @@ def fused_attention_output_from(
     args = (att.q, att.k, att.lse, att.log_size, att.scale, v, dest, t_out, size, att.received)
     if launcher is None:
         return fused_attention_output_qk_reference(*args, mode=mode)
-    return launcher(*args, mode=mode)
+    return launcher(*args, mode=mode, slots=slots)

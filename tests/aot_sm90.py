@@ -14,6 +14,7 @@ import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -21,8 +22,10 @@ from mctf_kernels.triton import _attention_kernel as AK  # noqa: E402
 from mctf_kernels.triton import _flash_attention_kernel as FK  # noqa: E402
 from mctf_kernels.triton import _match_kernel as MK  # noqa: E402
 from mctf_kernels.triton import _merge_kernel as GK  # noqa: E402
+from mctf_kernels.triton import _slots_kernel as SK  # noqa: E402
+from mctf_kernels.triton.configs import merge_config, slot_index_config  # noqa: E402
 from mctf_kernels.triton.match import _blocks  # noqa: E402
-from mctf_kernels.triton._common import block_size, warps_for  # noqa: E402
+from mctf_kernels.triton._common import block_size  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -30,6 +33,7 @@ except ImportError:  # pragma: no cover
     sys.exit(3)
 
 TARGET = GPUTarget("cuda", 90, 64)
+GPU = torch.device("cuda")  # the GPU launch configurations (no GPU is touched)
 FLOAT_SCALARS = {"scale", "e_sim", "e_info", "e_size"}
 INT32_POINTERS = {"node_idx_ptr", "rank_a_ptr", "node_idx2_ptr"}
 INT64_POINTERS = {"dest_ptr", "order_ptr", "starts_ptr"}
@@ -81,13 +85,21 @@ def main() -> int:
             compile_kernel(MK._assign_kernel, dict(BIDIR=bidir, HAS_PROT=prot, REMAP=remap, BLOCK_T=blk["BLOCK_A"],
                                                    BLOCK_J=blk["BLOCK_J"], BLOCK_P=16))
             count += 1
-    # merge: token features (C = 384, 1280) and per-head rows; with and without sources
-    for dtype, mode, has_size, has_source, C in itertools.product(dtypes, (0, 1, 2, 3), (False, True),
-                                                                 (False, True), (384, 1280)):
-        block_c, block_n = block_size(C, 256), block_size(197, 256) if has_source else 16
+    # merge: token features (C = 384, 1280) at batch 256 and 1 (other slot blocks / channel
+    # splits), with and without sources; and the slot index at T = 197, 577
+    merge_variants = list(itertools.product(dtypes, (0, 1, 2, 3), (False, True), (False, True), (384, 1280), (256,)))
+    merge_variants += [("fp16", mode, True, False, 384, 1) for mode in (0, 1, 2, 3)]  # channels split at batch 1
+    for dtype, mode, has_size, has_source, C, B in merge_variants:
+        cfg = dict(merge_config(GPU, B, 197, 181, C, 197 if has_source else 0))
+        warps = cfg.pop("num_warps")
         compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
-                                              ACC_DTYPE=tl.float32, BLOCK_C=block_c, BLOCK_N=block_n),
-                       dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps_for(max(block_c, block_n)))
+                                              ACC_DTYPE=tl.float32, **cfg),
+                       dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps)
+        count += 1
+    for T in (197, 577):
+        cfg = dict(slot_index_config(GPU, T, T - 16))
+        warps = cfg.pop("num_warps")
+        compile_kernel(SK._slot_index_kernel, cfg, num_warps=warps)
         count += 1
     # attention: received from P, the flash-style pair, and P' @ V' from P or from q, k
     from mctf_kernels.triton import configs  # noqa: E402

@@ -19,7 +19,7 @@ def _inputs(device):
 
 def test_every_op_has_a_triton_launcher():
     assert set(LAUNCHERS) == {"match", "merge", "attention_received", "fused_attention_output",
-                              "fusion_attention", "fused_attention_output_qk"}
+                              "fusion_attention", "fused_attention_output_qk", "slot_index"}
 
 
 def test_triton_backend_launches_the_kernels(device, monkeypatch):

@@ -1,10 +1,11 @@
-"""Triton ``merge`` against the eager reference (SPEC section 5).
+"""Triton ``merge`` and ``slot_index`` against the eager references (docs/algorithm.md, "Pooling").
 
 CPU runs a representative subset under TRITON_INTERPRET=1; CUDA runs the full grid.
 Float outputs are compared with a float64 truth and allowed the larger of a
 per-dtype tolerance and twice the eager same-dtype error; max pooling, sizes
 and sources are exact.
 """
+import contextlib
 import itertools
 
 import pytest
@@ -196,3 +197,172 @@ def test_merge_torch_compile_fullgraph(triton_backend):
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(grad, ref_grad)
     assert torch.equal(new_size, ref_size) and torch.equal(new_source, ref_source)
+
+
+# ---------------------------------------------------------------- slot index and GPU tiling
+
+from mctf_kernels.slots import slot_index_reference  # noqa: E402
+from mctf_kernels.triton.configs import force_gpu_configs  # noqa: E402
+
+
+def sort_slot_index(dest, t_out):
+    """The previous launcher's slot index (stable sort + searchsorted), for in-range maps."""
+    B = dest.shape[0]
+    sorted_dest, order = torch.sort(dest.long(), dim=1, stable=True)
+    bounds = torch.arange(t_out + 1, device=dest.device).expand(B, t_out + 1).contiguous()
+    return order, torch.searchsorted(sorted_dest.contiguous(), bounds)
+
+
+def adversarial_dests(T, device):
+    """(name, dest, t_out): one slot for all, every token alone, reversed, ties at the ends."""
+    t_half = max(1, T // 2)
+    ar = torch.arange(T, device=device)
+    return [
+        ("one slot", torch.zeros(2, T, dtype=torch.long, device=device), 1),
+        ("identity", ar.expand(2, T).contiguous(), T),
+        ("reversed", (T - 1 - ar).expand(2, T).contiguous(), T),
+        ("pairs", (ar // 2).expand(2, T).contiguous(), (T + 1) // 2),
+        ("last slot", torch.full((2, T), t_half - 1, device=device), t_half),  # other slots empty
+        ("int32", torch.randint(0, t_half, (2, T), device=device, dtype=torch.int32), t_half),
+    ]
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+@pytest.mark.parametrize("T", (5, 197, 577))
+def test_slot_index_matches_sort(device, triton_backend, T, gpu):
+    cases = [("random", *make_dest("random", 3, T, device)), ("bi-1", *make_dest("bi-1", 3, T, device))]
+    cases += adversarial_dests(T, device)
+    with force_gpu_configs() if gpu else contextlib.nullcontext():
+        for name, dest, t_out in cases:
+            got = mk.slot_index(dest, t_out)
+            order, starts = sort_slot_index(dest, t_out)
+            assert got.order.dtype == got.starts.dtype == torch.int64
+            assert torch.equal(got.order, order) and torch.equal(got.starts, starts), name
+            ref = slot_index_reference(dest, t_out)
+            assert torch.equal(ref.order, order) and torch.equal(ref.starts, starts), name
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_slot_index_out_of_range(device, triton_backend, gpu):
+    """Slots outside [0, T') own no token: those tokens are listed after every slot's members,
+    in ascending order, and nothing is written outside order / starts."""
+    B, T, t_out = 3, 197, 120
+    dest = torch.randint(0, t_out, (B, T), device=device)
+    dest[0, ::7] = -1
+    dest[1, ::5] = t_out
+    dest[2, :9] = 2 ** 40  # would wrap into range if narrowed before the check
+    dest[2, -3:] = -(2 ** 62)
+    with force_gpu_configs() if gpu else contextlib.nullcontext():
+        got = mk.slot_index(dest, t_out)
+    valid = (dest >= 0) & (dest < t_out)
+    for b in range(B):
+        assert torch.equal(got.order[b].sort().values, torch.arange(T, device=device))  # a permutation
+        n = int(valid[b].sum())
+        assert int(got.starts[b, -1]) == n and int(got.starts[b, 0]) == 0
+        assert torch.equal(got.order[b, n:], torch.nonzero(~valid[b]).flatten())
+        members = got.order[b, :n]
+        assert valid[b, members].all()
+        # within the valid tokens: the stable order by slot
+        key = torch.where(valid[b], dest[b], t_out)
+        assert torch.equal(got.order[b], torch.sort(key, stable=True).indices)
+    ref = slot_index_reference(dest, t_out)
+    assert torch.equal(got.order, ref.order) and torch.equal(got.starts, ref.starts)
+
+
+GPU_SHAPES = [(2, 197, 384), (1, 577, 192), (2, 197, 100), (1, 577, 64)] if not ON_CUDA else \
+    list(itertools.product((1, 4), (197, 577), (64, 100, 192, 384)))
+
+
+@pytest.mark.parametrize("mode", (0, 1, 2, 3))
+def test_merge_gpu_configs(device, triton_backend, mode):
+    """The GPU launch configuration (slot blocks, channel steps and splits, source and size
+    loops over several tiles) against the reference, sizes and sources on. CPU: two shapes
+    per mode, rotating, so every shape meets two modes (the interpreter is slow)."""
+    shapes = GPU_SHAPES if ON_CUDA else [GPU_SHAPES[mode % 4], GPU_SHAPES[(mode + 1) % 4]]
+    for B, T, C in shapes:
+        i = GPU_SHAPES.index((B, T, C))
+        dest, t_out = make_dest(("bi-1", "random", "uni-0", "bi-2")[i % 4], B, T, device)
+        x, size, attn, source = inputs(B, T, C, torch.float32, device, True, i % 2 == 0)
+        with force_gpu_configs():
+            out, new_size, new_source = mk.merge(x, dest, t_out, size, attn, mode=mode, source=source)
+        ref, ref_size, ref_source = mk.merge_reference(x, dest, t_out, size, attn, mode=mode, source=source)
+        if mode == 2:
+            assert torch.equal(out, ref)
+        else:
+            assert_close(out, ref, truth(x, dest, t_out, size, attn, mode), torch.float32)
+        assert torch.equal(new_size, ref_size)
+        if source is not None:
+            assert torch.equal(new_source, ref_source)
+
+
+def test_merge_config_fills_the_gpu():
+    """Grids of at least one program per H100 SM at DeiT-S shapes, batch 256 and batch 1,
+    and no idle channel lanes at C = 384."""
+    from mctf_kernels.triton.configs import merge_config
+
+    for B in (1, 256):
+        cfg = merge_config(torch.device("cuda"), B, 197, 181, 384, 0)
+        programs = B * -(-181 // cfg["BLOCK_S"]) * cfg["SPLIT_C"]
+        assert programs >= 132, (B, cfg)
+        assert 384 % cfg["BLOCK_C"] == 0
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+@pytest.mark.parametrize("mode", (0, 1, 2, 3))
+def test_merge_out_of_range_dest(device, triton_backend, mode, gpu):
+    """Tokens with a slot outside [0, T') are in no slot: the result is the merge of the
+    other tokens (the reference rejects such maps; the kernel must not write out of bounds)."""
+    B, T, C, t_out = 2, 197, 64, 130
+    dest = torch.cat([torch.arange(t_out), torch.randint(0, t_out, (T - t_out,))]).expand(B, T).clone().to(device)
+    dest[0, 150:160] = -3
+    dest[1, 140:150] = t_out + 5
+    dest[1, 160] = 2 ** 40
+    x, size, attn, source = inputs(B, T, C, torch.float32, device, True, True)
+    with force_gpu_configs() if gpu else contextlib.nullcontext():
+        out, new_size, new_source = mk.merge(x, dest, t_out, size, attn, mode=mode, source=source)
+    for b in range(B):
+        keep = (dest[b] >= 0) & (dest[b] < t_out)
+        ref, ref_size, ref_source = mk.merge_reference(
+            x[b:b + 1, keep], dest[b:b + 1, keep], t_out, size[b:b + 1, keep], attn[b:b + 1, keep], mode=mode,
+            source=source[b:b + 1, keep])
+        if mode == 1:  # the weights' size maximum is over the row's tokens, kept or not
+            w = pooling_weights(1, size[b:b + 1], attn[b:b + 1])[:, keep].double()
+            num = segment_sum(x[b:b + 1, keep].double() * w[..., None], dest[b:b + 1, keep], t_out)
+            ref = (num / segment_sum(w[..., None], dest[b:b + 1, keep], t_out)).float()
+        torch.testing.assert_close(out[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(new_size[b:b + 1], ref_size) and torch.equal(new_source[b:b + 1], ref_source)
+
+
+def test_merge_precomputed_slots(device, triton_backend):
+    B, T, C = 2, 197, 192
+    dest, t_out = make_dest("bi-1", B, T, device)
+    x, size, attn, source = inputs(B, T, C, torch.float32, device, True, True)
+    slots = mk.slot_index(dest, t_out)
+    got = mk.merge(x, dest, t_out, size, attn, mode=1, source=source, slots=slots)
+    plain = mk.merge(x, dest, t_out, size, attn, mode=1, source=source)
+    for a, b in zip(got, plain):
+        assert torch.equal(a, b)
+    with mk.use_backend("reference"):  # the reference takes and ignores it
+        ref = mk.merge(x, dest, t_out, size, attn, mode=1, source=source, slots=slots)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="slots"):
+        mk.merge(x, dest, t_out, size, attn, mode=1, slots=(slots.order, slots.starts[:, 1:]))
+    with pytest.raises(ValueError, match="slots"):
+        mk.merge(x, dest, t_out, size, attn, mode=1, slots=slots.order)
+
+
+@pytest.mark.parametrize("mode", (1, 2))
+def test_merge_grad_gpu_configs(device, triton_backend, mode):
+    B, T, C = 2, 197, 128
+    dest, t_out = make_dest("bi-1", B, T, device)
+    x, size, attn, _ = inputs(B, T, C, torch.float32, device, True, False)
+    if mode == 2:
+        x = torch.randint(0, 3, (B, T, C), device=device).float()
+    x.requires_grad_(True)
+    with force_gpu_configs():
+        out = mk.merge(x, dest, t_out, size, attn, mode=mode, slots=mk.slot_index(dest, t_out))[0]
+    ref = segment_max_nan_init(x, dest, t_out) if mode == 2 else mk.merge_reference(x, dest, t_out, size, attn,
+                                                                                      mode=mode)[0]
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                               atol=1e-6, rtol=1e-5)

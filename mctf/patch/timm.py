@@ -40,13 +40,40 @@ def _heads(attn: TimmAttention, x: torch.Tensor):
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def _split_qkv(attn: TimmAttention, x: torch.Tensor):
+    """(w_qk, b_qk, w_v, b_v): ``attn.qkv`` split into its query-key and value rows.
+
+    Slices of the weight are not leaves, so autocast would cast them again at every
+    call; in inference under autocast the cast slices are cached on the module, keyed
+    on the autocast dtype and the weight's and bias's storage and version counter (any
+    in-place update, e.g. an optimizer step or load_state_dict, bumps it; writes through
+    ``.data`` do not and are not seen). With gradients on, or while torch.compile traces
+    (it fuses the casts itself), the plain slices are used, so training is unaffected.
+    """
+    w, b = attn.qkv.weight, attn.qkv.bias
+    n = attn.qkv.out_features // 3
+    device_type = x.device.type
+    if (torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        dtype = torch.get_autocast_dtype(device_type)
+        key = (dtype, w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
+        cached = attn.__dict__.get("_mctf_qkv_cast")
+        if cached is None or cached[0] != key:
+            wc = w.detach().to(dtype)
+            bc = None if b is None else b.detach().to(dtype)
+            cached = (key, (wc[: 2 * n], None if bc is None else bc[: 2 * n],
+                            wc[2 * n:], None if bc is None else bc[2 * n:]))
+            attn.__dict__["_mctf_qkv_cast"] = cached  # not a buffer: never in a state_dict
+        return cached[1]
+    return (w[: 2 * n], None if b is None else b[: 2 * n], w[2 * n:], None if b is None else b[2 * n:])
+
+
 def _queries_keys(attn: TimmAttention, x: torch.Tensor):
     """q, k (B, H, T, D) only: the one-step-ahead blocks take values from the fused tokens,
     so projecting values for the unfused tokens would be wasted work."""
     B, T, _ = x.shape
-    n = attn.qkv.out_features // 3
-    bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * n]
-    qk = F.linear(x, attn.qkv.weight[: 2 * n], bias).reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    weight, bias, _, _ = _split_qkv(attn, x)
+    qk = F.linear(x, weight, bias).reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = qk.unbind(0)
     return attn.q_norm(q), attn.k_norm(k)
 
@@ -54,9 +81,7 @@ def _queries_keys(attn: TimmAttention, x: torch.Tensor):
 def _values(attn: TimmAttention, x: torch.Tensor) -> torch.Tensor:
     """Only the value projection (B, H, T, D): the fused block never recomputes q, k."""
     B, T, _ = x.shape
-    n = attn.qkv.out_features // 3
-    weight = attn.qkv.weight[2 * n:]
-    bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * n:]
+    _, _, weight, bias = _split_qkv(attn, x)
     return F.linear(x, weight, bias).reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
@@ -119,14 +144,15 @@ class MCTFBlock(TimmBlock):
         if cfg.trace_source and source is None:
             source = torch.eye(T, device=x.device, dtype=x.dtype).expand(x.shape[0], T, T)
         old_size = state.size
+        slots = mk.slot_index(dest, t_out)  # once per layer: the merge and the attention output share it
         x_new, new_size, new_source = mk.merge(
             x, dest, t_out, old_size, attn_received, mode=cfg.pooling,
-            source=source if cfg.trace_source else None,
+            source=source if cfg.trace_source else None, slots=slots,
         )
         state.size = new_size
         if cfg.trace_source:
             state.source = new_source
-        return x_new, dest, old_size, attn_received
+        return x_new, dest, old_size, attn_received, slots
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
         if attn_mask is not None or is_causal or kwargs:
@@ -141,15 +167,17 @@ class MCTFBlock(TimmBlock):
             q, k = _queries_keys(self.attn, self.norm1(x))
             if self.training and self.attn.attn_drop.p > 0:  # dropout needs P formed
                 probs = self.attn.attn_drop(_softmax_probs(self.attn, q, k, size))
-                x, dest, old_size, received = self._fuse(x, mk.attention_received(probs.detach()), r, state)
+                x, dest, old_size, received, slots = self._fuse(x, mk.attention_received(probs.detach()), r, state)
                 heads = mk.fused_attention_output(
                     probs, _values(self.attn, self.norm1(x)), dest, x.shape[1], old_size, received, mode=cfg.pooling,
+                    slots=slots,
                 )
             else:
                 att = mk.fusion_attention(q, k, scale=self.attn.scale, log_size=_log_size(size), mode=cfg.pooling)
-                x, dest, old_size, _ = self._fuse(x, att.received, r, state)
+                x, dest, old_size, _, slots = self._fuse(x, att.received, r, state)
                 heads = mk.fused_attention_output_from(
                     att, _values(self.attn, self.norm1(x)), dest, x.shape[1], old_size, mode=cfg.pooling,
+                    slots=slots,
                 )
             x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
         elif r > 0 and cfg.one_step_ahead == 2:
@@ -332,4 +360,5 @@ def unpatch(model):
             blk.__class__ = TimmBlock
             for name in ("_mctf_index", "_mctf_state"):
                 blk.__dict__.pop(name, None)
+            blk.attn.__dict__.pop("_mctf_qkv_cast", None)
     return model

@@ -6,6 +6,9 @@ LAUNCHERS: dict = {}
 from .merge import merge as _merge  # noqa: E402
 
 LAUNCHERS["merge"] = _merge
+from .slots import slot_index as _slot_index  # noqa: E402
+
+LAUNCHERS["slot_index"] = _slot_index
 from .attention import attention_received as _attention_received  # noqa: E402
 from .attention import fused_attention_output as _fused_attention_output  # noqa: E402
 

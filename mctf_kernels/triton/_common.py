@@ -9,44 +9,21 @@ import triton
 
 from ..dispatch import interpreter_enabled as interpreting  # noqa: F401  (one reading of TRITON_INTERPRET)
 
-# torch.library.triton_op / wrap_triton (torch >= 2.6) make the kernels visible to
-# torch.compile; older torch (>= 2.4) calls the kernels directly behind an
-# autograd.Function.
-HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
 
 def wrap(kernel):
     """The kernel, launchable inside a traced custom op (``kernel[grid](...)``)."""
-    return torch.library.wrap_triton(kernel) if HAS_TRITON_OP else kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def custom_op(name: str, impl: Callable, backward: Optional[Callable] = None,
               setup_context: Optional[Callable] = None) -> Callable:
-    """``impl`` as the ``mctf::<name>`` op, with ``backward`` (torch's ``register_autograd``
-    convention) when given. On torch < 2.6 the same pieces run behind an autograd.Function.
-    Outputs after the first of a tuple-returning op are not differentiable."""
-    if HAS_TRITON_OP:
-        op = torch.library.triton_op(f"mctf::{name}", impl, mutates_args=())
-        if backward is not None:
-            op.register_autograd(backward, setup_context=setup_context)
-        return op
-    if backward is None:
-        return impl
-    eager_backward = backward  # a class body cannot read an enclosing name it also assigns
-
-    class _Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = impl(*inputs)
-            setup_context(ctx, inputs, output)
-            if isinstance(output, tuple):
-                ctx.mark_non_differentiable(*[o for o in output[1:] if isinstance(o, torch.Tensor)])
-            return output
-
-        backward = staticmethod(eager_backward)
-
-    _Function.__name__ = f"{name}_function"
-    return _Function.apply
+    """``impl`` as the ``mctf::<name>`` op (``torch.library.triton_op``, so torch.compile
+    sees its kernels), with ``backward`` (torch's ``register_autograd`` convention) when
+    given. Outputs after the first of a tuple-returning op are not differentiable."""
+    op = torch.library.triton_op(f"mctf::{name}", impl, mutates_args=())
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return op
 
 
 def block_size(n: int, cap: int, floor: int = 16) -> int:

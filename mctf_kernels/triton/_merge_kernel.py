@@ -1,14 +1,36 @@
 """Triton kernel of the slot merge: a gather-reduce over each slot's members.
 
-The launcher (``merge.py``) sorts the slot map once per batch row, giving a
-CSR-like inverse: ``order`` (B, T) lists tokens by slot (ascending token index
-inside a slot) and ``starts`` (B, T'+1) the slot boundaries in ``order``. One
-program then owns one output slot (of one row of the leading dims) and one
-channel block, and walks the slot's members in that fixed order: no atomics,
-so every run is bit-identical.
+``order`` / ``starts`` (the slot index, ``slots.py``) list each slot's members in
+ascending token order. One program owns BLOCK_S consecutive slots of one row of
+the leading dims and walks their members in that fixed order, BLOCK_C channels
+at a time (all channels, or a SPLIT_C-th of them when the grid is small): no
+atomics, so every run is bit-identical. The per-slot scalars (new sizes, weight
+sums), the pooling weights, the row's size maximum and the sources are computed
+in the same launch.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
+                     MODE: tl.constexpr, HAS_SIZE: tl.constexpr):
+    """Size s and pooling weight w of tokens t (0 where not valid), as pooling_weights."""
+    if HAS_SIZE:
+        s = tl.load(size_row + t * stride_st, mask=valid, other=0.0).to(tl.float32)
+    else:
+        s = tl.where(valid, 1.0, 0.0)
+    if MODE == 1:
+        a = tl.load(attn_row + t * stride_at, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SIZE:
+            w = a * (s / smax)
+        else:
+            w = a
+    elif MODE == 0:
+        w = s
+    else:
+        w = tl.where(valid, 1.0, 0.0)
+    return s, w
 
 
 @triton.jit
@@ -17,7 +39,6 @@ def _merge_kernel(
     order_ptr, starts_ptr,  # contiguous (B, T) int64 and (B, T'+1) int64
     size_ptr, stride_sb, stride_st,
     attn_ptr, stride_ab, stride_at,
-    smax_ptr,  # (B,) float32: per-batch max size, mode 1 only
     src_ptr, stride_nb, stride_nt, stride_nn,
     out_ptr, stride_ob, stride_oh, stride_ot,  # out's channel stride is 1
     new_size_ptr, den_ptr, new_src_ptr,  # contiguous (B, T'), (B, T'), (B, T', N)
@@ -26,75 +47,93 @@ def _merge_kernel(
     HAS_SIZE: tl.constexpr,  # False: every size is 1
     HAS_SOURCE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 x (keeps max exact)
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # slots per program
+    BLOCK_C: tl.constexpr,  # channels per step
+    BLOCK_N: tl.constexpr,  # source columns per step
+    BLOCK_T: tl.constexpr,  # sizes per step of the row maximum
+    SPLIT_C: tl.constexpr,  # programs sharing one slot block's channels
 ):
-    # Axis 0: (row of the leading dims, slot); rows are (b, h) with h < H, so the
+    # Axis 0: (row of the leading dims, slot block); rows are (b, h) with h < H, so the
     # same kernel merges tokens (H = 1) and per-head query rows (dest is per b).
+    n_blocks = tl.cdiv(T_out, BLOCK_S)
     pid = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1).to(tl.int64)
-    slot = pid % T_out
-    row = pid // T_out
+    split = tl.program_id(1)
+    row = pid // n_blocks
     b = row // H
     h = row % H
+    offs_s = (pid % n_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask_s = offs_s < T_out
+    bounds = starts_ptr + b * (T_out + 1) + offs_s
+    start = tl.load(bounds, mask=mask_s, other=0)
+    count = tl.load(bounds + 1, mask=mask_s, other=0) - start
+    steps = tl.max(count, axis=0)  # members of the block's largest slot
+    members = order_ptr + b * T + start
+    size_row = size_ptr + b * stride_sb
+    attn_row = attn_ptr + b * stride_ab
 
-    start = tl.load(starts_ptr + b * (T_out + 1) + slot)
-    end = tl.load(starts_ptr + b * (T_out + 1) + slot + 1)
+    smax = 1.0
+    if MODE == 1 and HAS_SIZE:  # the row's largest size (pooling_weights' max), folded in
+        run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            sv = tl.load(size_row + offs_t * stride_st, mask=offs_t < T, other=float("-inf")).to(tl.float32)
+            run = tl.maximum(run, sv, propagate_nan=tl.PropagateNan.ALL)
+        smax = tl.max(run, axis=0)
 
-    offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    x_row = x_ptr + b * stride_xb + h * stride_xh
-    if MODE == 2:
-        acc = tl.full([BLOCK_C], float("-inf"), ACC_DTYPE)
-    else:
-        acc = tl.zeros([BLOCK_C], ACC_DTYPE)
-    w_sum = tl.zeros([], tl.float32)
-    s_sum = tl.zeros([], tl.float32)
-    if HAS_SOURCE:
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        src_acc = tl.full([BLOCK_N], float("-inf"), tl.float32)
-
-    for i in range(start, end):
-        t = tl.load(order_ptr + b * T + i)
-        if HAS_SIZE:
-            s = tl.load(size_ptr + b * stride_sb + t * stride_st).to(tl.float32)
-        else:
-            s = tl.full([], 1.0, tl.float32)
+    # Per-slot sums of sizes and pooling weights (same expressions as pooling_weights).
+    s_sum = tl.zeros([BLOCK_S], tl.float32)
+    w_sum = tl.zeros([BLOCK_S], tl.float32)
+    for k in range(0, steps):
+        valid = k < count
+        t = tl.load(members + k, mask=valid, other=0)
+        s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
         s_sum += s
-        xv = tl.load(x_row + t * stride_xt + offs_c * stride_xc, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        w_sum += w
+
+    x_row = x_ptr + b * stride_xb + h * stride_xh
+    out_row = out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot
+    for c0 in range(split * BLOCK_C, C, SPLIT_C * BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
         if MODE == 2:
-            # torch's amax propagates NaN; so do we.
-            acc = tl.maximum(acc, xv, propagate_nan=tl.PropagateNan.ALL)
+            acc = tl.full([BLOCK_S, BLOCK_C], float("-inf"), ACC_DTYPE)
         else:
-            if MODE == 0:
-                w = s
-            elif MODE == 1:
-                # Same expression (and rounding) as pooling_weights: a * (s / max s).
-                a = tl.load(attn_ptr + b * stride_ab + t * stride_at).to(tl.float32)
-                if HAS_SIZE:
-                    w = a * (s / tl.load(smax_ptr + b))
-                else:
-                    w = a
+            acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
+        for k in range(0, steps):
+            valid = k < count
+            t = tl.load(members + k, mask=valid, other=0)
+            xv = tl.load(x_row + t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
+                         mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
+            if MODE == 2:
+                # torch's amax propagates NaN; so do we.
+                acc = tl.where(valid[:, None], tl.maximum(acc, xv, propagate_nan=tl.PropagateNan.ALL), acc)
             else:
-                w = tl.full([], 1.0, tl.float32)
-            acc += xv * w
-            w_sum += w
+                _s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
+                acc += xv * w[:, None]
+        if MODE == 2:
+            acc = tl.where(count[:, None] > 0, acc, float("nan"))  # an empty slot: NaN, like the reference
+        else:
+            # an empty slot gives 0/0 = NaN, like the reference (padding rows divide by 1)
+            acc = acc / tl.where(mask_s, w_sum, 1.0)[:, None]
+        tl.store(out_row + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_c[None, :])
+
+    # Per-slot results depend on b only: the programs of head 0, first channel split.
+    if (h == 0) & (split == 0):
+        tl.store(new_size_ptr + b * T_out + offs_s, s_sum, mask=mask_s)
+        if MODE != 2:
+            tl.store(den_ptr + b * T_out + offs_s, w_sum, mask=mask_s)
         if HAS_SOURCE:
-            sv = tl.load(src_ptr + b * stride_nb + t * stride_nt + offs_n * stride_nn,
-                         mask=mask_n, other=float("-inf")).to(tl.float32)
-            src_acc = tl.maximum(src_acc, sv, propagate_nan=tl.PropagateNan.ALL)
-
-    if MODE != 2:
-        acc = acc / w_sum  # an empty slot gives 0/0 = NaN, like the reference
-    out = out_ptr + b * stride_ob + h * stride_oh + slot * stride_ot + offs_c
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_c)
-
-    # Per-slot scalars depend on b only: one program per (b, slot) writes them.
-    first = (h == 0) & (blk == 0)
-    tl.store(new_size_ptr + b * T_out + slot, s_sum, mask=first)
-    if MODE != 2:
-        tl.store(den_ptr + b * T_out + slot, w_sum, mask=first)
-    if HAS_SOURCE:
-        dst = new_src_ptr + (b * T_out + slot) * N + offs_n
-        tl.store(dst, src_acc.to(new_src_ptr.dtype.element_ty), mask=mask_n & (h == 0))
+            src_row = src_ptr + b * stride_nb
+            dst_row = new_src_ptr + (b * T_out + offs_s[:, None]) * N
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < N
+                src = tl.full([BLOCK_S, BLOCK_N], float("-inf"), tl.float32)
+                for k in range(0, steps):
+                    valid = k < count
+                    t = tl.load(members + k, mask=valid, other=0)
+                    sv = tl.load(src_row + t[:, None] * stride_nt + offs_n[None, :] * stride_nn,
+                                 mask=valid[:, None] & mask_n[None, :], other=float("-inf")).to(tl.float32)
+                    src = tl.where(valid[:, None], tl.maximum(src, sv, propagate_nan=tl.PropagateNan.ALL), src)
+                src = tl.where(count[:, None] > 0, src, float("nan"))
+                tl.store(dst_row + offs_n[None, :], src.to(new_src_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_n[None, :])

@@ -1,10 +1,10 @@
-"""Triton launcher of ``merge`` (SPEC section 5); the eager reference it must equal
-is ``mctf_kernels.merge.merge_reference``.
+"""Triton launcher of ``merge`` (docs/algorithm.md, "Pooling"); the eager reference it
+must equal is ``mctf_kernels.merge.merge_reference``.
 
-Layers: ``_merge_kernel`` (one program per slot and channel block) <- ``launch_merge``
-(slot index, grid, strides; also serves the per-head query rows of
-``fused_attention_output``) <- the ``mctf::merge`` op with its autograd <- ``merge``
-(the launcher registered in ``LAUNCHERS``, same arguments as the reference).
+Layers: ``_merge_kernel`` (one program per block of slots, all channels) <- ``launch_merge``
+(slot index unless given, grid, strides; merges (B, T, C) tokens or (B, H, T, C) per-head
+rows) <- the ``mctf::merge`` op with its autograd <- ``merge`` (the launcher registered
+in ``LAUNCHERS``, the reference's arguments plus an optional precomputed ``slots``).
 """
 from __future__ import annotations
 
@@ -15,20 +15,16 @@ import triton
 import triton.language as tl
 
 from ..merge import merge_reference, pooling_weights  # noqa: F401  (the reference beside its launcher)
-from ._common import block_size, custom_op, last_dim_unit, warps_for, wrap
+from ._common import custom_op, last_dim_unit, wrap
 from ._merge_kernel import _merge_kernel
+from .configs import merge_config
+from .slots import SlotIndex, launch_slot_index
 
-def slot_index(dest: torch.Tensor, t_out: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CSR-like inverse of the slot map, on device and without host sync.
 
-    order (B, T): token indices sorted by slot (stable: ascending index inside a slot);
-    starts (B, T'+1): slot o's members are order[b, starts[b, o]:starts[b, o+1]].
-    """
-    B = dest.shape[0]
-    sorted_dest, order = torch.sort(dest.long().contiguous(), dim=1, stable=True)
-    bounds = torch.arange(t_out + 1, device=dest.device).expand(B, t_out + 1).contiguous()
-    starts = torch.searchsorted(sorted_dest, bounds)
-    return order.contiguous(), starts.contiguous()
+def slot_index(dest: torch.Tensor, t_out: int) -> SlotIndex:
+    """The slot index launched directly (no custom op: callers are inside one). Kept here
+    for the attention launcher's import until it takes the layer's shared index."""
+    return SlotIndex(*launch_slot_index(dest, t_out))
 
 
 def launch_merge(
@@ -40,11 +36,14 @@ def launch_merge(
     mode: int,
     source: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype] = None,
+    slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch.
+    """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch (two
+    when ``slots``, the slot index (order, starts) of dest, is not given).
 
     Returns (x' (..., T', C), size' (B, T') float32, source' (B, T', N) or None,
     den (B, T') float32 = slot sums of the pooling weights; unset for max pooling).
+    Tokens whose slot is outside [0, T') are in no slot (mctf_kernels.slots).
     """
     x = last_dim_unit(x)
     if x.dim() == 3:
@@ -54,7 +53,7 @@ def launch_merge(
         B, H, T, C = x.shape
         sxb, sxh, sxt, sxc = x.stride()
     device = x.device
-    order, starts = slot_index(dest, t_out)
+    order, starts = slots if slots is not None else launch_slot_index(dest, t_out)
 
     out = torch.empty(*x.shape[:-2], t_out, C, device=device, dtype=out_dtype or x.dtype)
     sob, soh, sot = (out.stride(0), 0, out.stride(1)) if x.dim() == 3 else out.stride()[:3]
@@ -62,15 +61,13 @@ def launch_merge(
     den = torch.empty(B, t_out, device=device, dtype=torch.float32)
 
     has_size = size is not None
-    size_arg = size if has_size else new_size  # placeholder pointer, never read
-    ss = (size.stride(0), size.stride(1)) if has_size else (0, 0)
+    size_arg, ss = (size, size.stride()) if has_size else (new_size, (0, 0))  # placeholder, never read
     if mode == 1:
         if attn_received is None:
             raise ValueError("pooling mode 1 (attention-and-size) needs attn_received")
-        attn_arg, sa = attn_received, (attn_received.stride(0), attn_received.stride(1))
+        attn_arg, sa = attn_received, attn_received.stride()
     else:
         attn_arg, sa = new_size, (0, 0)
-    smax = size.float().amax(dim=1) if has_size and mode == 1 else new_size
 
     has_source = source is not None
     if has_source:
@@ -82,25 +79,23 @@ def launch_merge(
         N = 0
         new_source = None
         src_arg, sn = new_size, (0, 0, 0)
+    if B * H * t_out == 0:
+        return out, new_size, new_source, den
 
-    BLOCK_C = block_size(C, 256)
-    BLOCK_N = block_size(N, 256) if has_source else 16
-    n_blk = max(triton.cdiv(C, BLOCK_C), triton.cdiv(N, BLOCK_N) if has_source else 1)
-    grid = (B * H * t_out, n_blk)
+    cfg = merge_config(device, B * H, T, t_out, C, N)
+    grid = (B * H * triton.cdiv(t_out, cfg["BLOCK_S"]), cfg["SPLIT_C"])
     wrap(_merge_kernel)[grid](
         x, sxb, sxh, sxt, sxc,
         order, starts,
         size_arg, ss[0], ss[1],
         attn_arg, sa[0], sa[1],
-        smax,
         src_arg, sn[0], sn[1], sn[2],
         out, sob, soh, sot,
         new_size, den, new_source if has_source else new_size,
         H, T, t_out, C, N,
         MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
         ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
-        num_warps=warps_for(max(BLOCK_C, BLOCK_N)),
+        **cfg,
     )
     return out, new_size, new_source, den
 
@@ -150,15 +145,18 @@ def _merge_impl(
     attn_received: Optional[torch.Tensor],
     mode: int,
     source: Optional[torch.Tensor],
+    order: Optional[torch.Tensor],
+    starts: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, new_size, new_source, den = launch_merge(x, dest, t_out, size, attn_received, mode, source)
+    slots = None if order is None else (order, starts)
+    out, new_size, new_source, den = launch_merge(x, dest, t_out, size, attn_received, mode, source, slots=slots)
     if new_source is None:  # custom ops cannot return None
         new_source = x.new_empty(0)
     return out, new_size, new_source, den
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, dest, _t_out, size, attn_received, mode, _source = inputs
+    x, dest, _t_out, size, attn_received, mode, _source, _order, _starts = inputs
     out, _new_size, _new_source, den = output
     ctx.mode = mode
     ctx.x_dtype = x.dtype
@@ -173,7 +171,7 @@ def _backward(ctx, grad_out, _g_size, _g_source, _g_den):
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = merge_backward(grad_out, x, out, dest, den, size, attn_received, ctx.mode, ctx.x_dtype)
-    return grad_x, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, None
 
 
 merge_op = custom_op("merge", _merge_impl, _backward, _setup_context)
@@ -188,8 +186,11 @@ def merge(
     *,
     mode: int = 1,
     source: Optional[torch.Tensor] = None,
+    slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None)."""
+    """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None).
+
+    ``slots``: dest's slot index (order, starts) when already computed (``slot_index``)."""
     B, T, _ = x.shape
     if mode == 1 and attn_received is None:
         raise ValueError("pooling mode 1 (attention-and-size) needs attn_received")
@@ -198,5 +199,6 @@ def merge(
             raise ValueError(f"source must have shape (B, T, N) with (B, T) = ({B}, {T}), got {tuple(source.shape)}")
         if source.device != x.device:
             raise ValueError(f"source is on {source.device} but the tokens are on {x.device}")
-    out, new_size, new_source, _den = merge_op(x, dest, t_out, size, attn_received, mode, source)
+    order, starts = (None, None) if slots is None else slots
+    out, new_size, new_source, _den = merge_op(x, dest, t_out, size, attn_received, mode, source, order, starts)
     return out, new_size, (new_source if source is not None else None)

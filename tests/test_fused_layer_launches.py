@@ -1,0 +1,107 @@
+"""What one fused layer launches, and what the model layer does once instead of per call.
+
+Kernels are counted by ``tests/kernel_counts.py`` (read its docstring for what counts):
+every Triton launch plus every aten op that launches a GPU kernel, per block, in a
+steady-state no-grad forward of a random-init DeiT-T (64 px, 3 blocks, fusing in blocks
+1 and 2) under the ``triton`` backend (the interpreter on CPU). On CPU, autocast has no
+weight-cast cache, so every ``nn.Linear`` there also counts its weight and bias casts.
+"""
+import warnings
+
+import pytest
+import torch
+
+import mctf
+import mctf_kernels as mk
+from kernel_counts import per_block_kernels, tiny_patched_model
+from mctf.patch.timm import _split_qkv
+
+# Budgets per fused layer (the third block: sizes are known, so proportional attention is
+# on). Measured on this branch: 27 with a half model, 36 under CPU autocast (was 32 and 45:
+# two sorts per layer, size maxima, and re-cast weight slices). The attention output still
+# computes its own slot index and size maximum until it takes the shared index (then 25 / 34).
+BUDGET = {"fp16 model": 27, "fp16 autocast": 36}
+
+
+def _count(label):
+    dtype, amp = (torch.float16, None) if label == "fp16 model" else (torch.float32, torch.float16)
+    model = tiny_patched_model(dtype=dtype)
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    with mk.use_backend("triton"):
+        return per_block_kernels(model, x, amp)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches on CPU")
+@pytest.mark.parametrize("label", list(BUDGET))
+def test_fused_layer_kernel_budget(label):
+    plain, first, fused = _count(label)
+    assert "triton._merge_kernel" not in plain and len(plain) <= 20
+    for blk in (first, fused):
+        assert len(blk) <= BUDGET[label], blk
+        assert blk.count("triton._merge_kernel") == 1
+        # the slot index is a kernel, not a sort; the size maximum is folded into the merge
+        assert not {"aten.sort", "aten.searchsorted", "aten.arange"} & set(blk), blk
+        assert 1 <= blk.count("triton._slot_index_kernel") <= 2
+        # the merge's slot index comes first and is the only launch between match and merge
+        merge_at = blk.index("triton._merge_kernel")
+        assert blk[merge_at - 1] == "triton._slot_index_kernel"
+    if label == "fp16 autocast":
+        # the query-key and value projections cast only their input, not weight slices
+        linear_casts = []
+        for i, op in enumerate(fused):
+            if op == "aten.addmm":
+                j = i
+                while j > 0 and fused[j - 1] == "aten._to_copy":
+                    j -= 1
+                linear_casts.append(i - j)
+        qk_casts, v_casts = linear_casts[0], linear_casts[1]
+        assert (qk_casts, v_casts) == (1, 1), fused
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches on CPU")
+@pytest.mark.xfail(strict=True, reason="the attention output takes the shared slot index on the attention branch")
+def test_one_slot_index_per_fused_layer():
+    for blk in _count("fp16 model")[1:]:
+        assert blk.count("triton._slot_index_kernel") == 1
+
+
+def test_qkv_cast_cache_follows_the_weights():
+    """Under autocast in inference, the cast q-k / v weight slices are made once and remade
+    when the weights change; with gradients on they are plain slices (gradients flow)."""
+    model = tiny_patched_model(depth=2)
+    attn = model.blocks[1].attn
+    x = torch.randn(1, 5, attn.qkv.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        first = _split_qkv(attn, x)
+        again = _split_qkv(attn, x)
+        assert all(a is b for a, b in zip(first, again))
+        assert first[0].dtype == torch.float16
+        attn.qkv.weight.add_(1.0)  # in place: the version counter moves
+        changed = _split_qkv(attn, x)
+        assert changed[0] is not first[0]
+        n = attn.qkv.out_features // 3
+        torch.testing.assert_close(changed[2], attn.qkv.weight[2 * n:].half())
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert _split_qkv(attn, x)[0].dtype == torch.bfloat16  # keyed on the autocast dtype
+    with torch.autocast("cpu", dtype=torch.float16):  # gradients on: no cache
+        w_qk, b_qk, w_v, b_v = _split_qkv(attn, x)
+        (w_qk.float().sum() + w_v.float().sum()).backward()
+    assert attn.qkv.weight.grad is not None and torch.all(attn.qkv.weight.grad == 1)
+    mctf.unpatch(model)
+    assert "_mctf_qkv_cast" not in attn.__dict__
+
+
+def test_compile_is_clean():
+    """torch.compile(fullgraph=True) of a patched model traces dispatch without the
+    lru_cache warning. Backend 'auto' on CPU runs the reference but asks dispatch why
+    Triton cannot serve (the path that warned); torch's 'eager' compile backend keeps it fast."""
+    torch._dynamo.reset()
+    model = tiny_patched_model(depth=2)
+    x = torch.randn(2, 3, 64, 64)
+    with mk.use_backend("auto"), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, fullgraph=True, backend="eager")(x)
+        ref = model(x)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "lru_cache" in m], messages
+    torch.testing.assert_close(out, ref)
