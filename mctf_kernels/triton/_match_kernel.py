@@ -194,7 +194,8 @@ def _token_stats_kernel(
         xv = tl.load(x_row + c[None, :] * stride_xc, mask=t_ok[:, None] & (c[None, :] < C), other=0.0).to(tl.float32)
         sq += tl.sum(xv * xv, axis=1)
     out = stats_ptr + pid_b * 3 * T
-    tl.store(out + t, tl.maximum(tl.sqrt_rn(sq), EPS), mask=t_ok)
+    # NaN propagates through the clamps and maxima, as in torch's clamp_min and amax.
+    tl.store(out + t, tl.maximum(tl.sqrt_rn(sq), EPS, propagate_nan=tl.PropagateNan.ALL), mask=t_ok)
     if HAS_INFO:
         # Every program recomputes the row max (O(T) loads): no extra launch or sync.
         row = attn_ptr + pid_b * stride_ab
@@ -202,18 +203,21 @@ def _token_stats_kernel(
         for j0 in range(0, T, BLOCK_R):
             j = j0 + tl.arange(0, BLOCK_R)
             w = tl.load(row + j * stride_at, mask=j < T, other=1.0).to(tl.float32)
-            mx = tl.maximum(mx, tl.where(j < T, _div(tl.full(w.shape, 1.0, tl.float32), tl.maximum(w, EPS)), 0.0))
-        mx_all = tl.max(mx, axis=0)
+            inv = _div(tl.full(w.shape, 1.0, tl.float32), tl.maximum(w, EPS, propagate_nan=tl.PropagateNan.ALL))
+            mx = tl.maximum(mx, tl.where(j < T, inv, 0.0), propagate_nan=tl.PropagateNan.ALL)
+        mx_all = _nan_max(mx, tl.full(mx.shape, 1, tl.int1))
         v = tl.load(row + t * stride_at, mask=t_ok, other=1.0).to(tl.float32)
-        tl.store(out + T + t, _div(_div(tl.full(v.shape, 1.0, tl.float32), tl.maximum(v, EPS)), mx_all), mask=t_ok)
+        v = tl.maximum(v, EPS, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out + T + t, _div(_div(tl.full(v.shape, 1.0, tl.float32), v), mx_all), mask=t_ok)
     if HAS_SIZE:
         row = size_ptr + pid_b * stride_sb
         mx = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)
         for j0 in range(0, T, BLOCK_R):
             j = j0 + tl.arange(0, BLOCK_R)
             w = tl.load(row + j * stride_st, mask=j < T, other=1.0).to(tl.float32)
-            mx = tl.maximum(mx, tl.where(j < T, _div(tl.full(w.shape, 1.0, tl.float32), w), 0.0))
-        mx_all = tl.max(mx, axis=0)
+            mx = tl.maximum(mx, tl.where(j < T, _div(tl.full(w.shape, 1.0, tl.float32), w), 0.0),
+                            propagate_nan=tl.PropagateNan.ALL)
+        mx_all = _nan_max(mx, tl.full(mx.shape, 1, tl.int1))
         v = tl.load(row + t * stride_st, mask=t_ok, other=1.0).to(tl.float32)
         tl.store(out + 2 * T + t, _div(_div(tl.full(v.shape, 1.0, tl.float32), v), mx_all), mask=t_ok)
 

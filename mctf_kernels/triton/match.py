@@ -79,7 +79,7 @@ def _match_impl(
     cfg = match_configs(gpu_configs(dev), t1, t2, C, T, half)
     # libdevice (torch's own powf) only when the kernel is compiled for a GPU
     use_libdevice = dev.type == "cuda" and not interpreter_enabled()
-    warps = {} if cfg["num_warps"] is None else dict(num_warps=cfg["num_warps"])
+    warps = {k: cfg[k] for k in ("num_warps", "num_stages") if cfg[k] is not None}
     numerics = dict(SIM_MODE=sim_mode, INFO_MODE=info_mode, SIZE_MODE=size_mode,
                     HAS_PROT=num_protected > 0, USE_LIBDEVICE=use_libdevice,
                     HALF=half, DOT_DTYPE=_DOT_DTYPES[dot_dtype])
