@@ -153,8 +153,8 @@ FORCED = [(197, 384, True, 1), (197, 64, False, 2), (197, 64, True, 0), (577, 64
 
 @pytest.mark.parametrize("T,C,bidirectional,num_protected", FORCED)
 def test_gpu_configs_under_interpreter(device, T, C, bidirectional, num_protected):
-    """The GPU block sizes, warps and loops (fused: 64-row blocks, 16-channel chunks,
-    32-key rank chunks; tiled: 64 x 64 tiles) cross their boundaries at T = 197 / 577."""
+    """The GPU block sizes and loops (fused: 64-row blocks, 16-channel chunks, 16-key
+    rank chunks; tiled: 64 x 64 tiles) cross their boundaries at T = 197 / 577."""
     x, a, s = _inputs(device, 2 if T == 197 else 1, T, C)
     before = triton_match.launch_count
     with force_gpu_configs():
@@ -376,7 +376,16 @@ def test_torch_compile(device):
     x, a, s = _inputs(device, 2, 197, 192)
 
     def f(x, a, s):
-        return torch.ops.mctf.match(x, 32, a, s, 1.0, 20.0, 40.0, 1, True)
+        return torch.ops.mctf.match(x, 32, a, s, 1.0, 20.0, 40.0, 1, True, 0)  # 0: fp32 similarity
 
     got = torch.compile(f, fullgraph=True)(x, a, s)
     assert torch.equal(got, match_reference(x, 32, a, s))
+
+    def g(x, a, s):  # the public op reads the autocast state while tracing
+        with torch.autocast("cuda", dtype=torch.float16):
+            return mctf_kernels.match(x, 32, a, s)
+
+    with mctf_kernels.use_backend("triton"):
+        got = torch.compile(g, fullgraph=True)(x, a, s)
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert torch.equal(got, mctf_kernels.match(x, 32, a, s))
