@@ -76,7 +76,7 @@ def main() -> int:
                 for bidir, remap in ((True, False), (False, False), (True, True)):
                     compile_kernel(MK._match_fused_kernel, dict(
                         SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, BIDIR=bidir, REMAP=remap and prot,
-                        USE_LIBDEVICE=True, **dot, BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_M=cfg["BLOCK_M"],
+                        USE_LIBDEVICE=1 if half else 2, **dot, BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_M=cfg["BLOCK_M"],
                         BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], BLOCK_P=16), dtype, ("x_ptr",), **launch)
                     count += 1
             continue
@@ -84,7 +84,7 @@ def main() -> int:
                        BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"]), dtype, ("x_ptr",), cfg["num_warps"])
         count += 1
         for (sim, info, size), prot in variants:
-            common = dict(SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, USE_LIBDEVICE=True, **dot,
+            common = dict(SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, USE_LIBDEVICE=1 if half else 2, **dot,
                           BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"])
             compile_kernel(MK._row_max_kernel, common, dtype, ("x_ptr",), cfg["num_warps"])
             compile_kernel(MK._col_max_kernel, common, dtype, ("x_ptr",), cfg["num_warps"])

@@ -57,6 +57,9 @@ def _div(x, y):
 
 @triton.jit
 def _pow(base, e, MODE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """torch's pow with its special cases. USE_LIBDEVICE: 0 interpreter, 1 GPU half
+    path (MUFU log2/exp2, a few ulp from powf, within the half-precision bound and
+    few registers), 2 GPU fp32 path (libdevice powf, torch's own: bitwise equal)."""
     if MODE == 1:
         out = base
     elif MODE == 2:
@@ -66,9 +69,9 @@ def _pow(base, e, MODE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     elif MODE == 4:
         out = base * base * base
     else:
-        if USE_LIBDEVICE:
-            # MUFU log2/exp2 (a few ulp from powf): libdevice's powf per element of a
-            # score tile needs more registers than the tile itself.
+        if USE_LIBDEVICE == 2:
+            out = libdevice.pow(base, e)
+        elif USE_LIBDEVICE == 1:
             out = tl.exp2(tl.log2(base) * e)
         else:
             # The interpreter has no libdevice; float64 log/exp rounds to the

@@ -77,8 +77,9 @@ def _match_impl(
     size_mode, e_size = _pow_mode(tau_size, size is not None)
     half = dot_dtype != 0
     cfg = match_configs(gpu_configs(dev), t1, t2, C, T, half)
-    # libdevice (torch's own powf) only when the kernel is compiled for a GPU
-    use_libdevice = dev.type == "cuda" and not interpreter_enabled()
+    # pow: libdevice powf (torch's own) on the exact fp32 path, MUFU log2/exp2 on the
+    # half path, float64 under the interpreter (no libdevice there)
+    use_libdevice = 0 if dev.type != "cuda" or interpreter_enabled() else (1 if half else 2)
     warps = {k: cfg[k] for k in ("num_warps", "num_stages") if cfg[k] is not None}
     numerics = dict(SIM_MODE=sim_mode, INFO_MODE=info_mode, SIZE_MODE=size_mode,
                     HAS_PROT=num_protected > 0, USE_LIBDEVICE=use_libdevice,
