@@ -248,22 +248,54 @@ def _check_half(x, r, a, s, dtype, *, tau_sim=1.0, tau_info=20.0, tau_size=40.0,
     assert got.dtype == torch.int64 and got.shape == want.shape
     B, T = got.shape
     assert int(got.min()) >= 0 and int(got.max()) < T - r
-    t1 = (T + 1) // 2
     eps = _half_bound(dtype, x.shape[-1], tau_sim)
     s64 = _scores64(x, a, s, tau_sim, tau_info, tau_size, num_protected)
-    best64 = s64.max(dim=-1).values
     for dest in (got, want):
-        src, b_of = _unidirectional_decisions(dest, t1, r)
-        assert torch.equal(src.sum(dim=1), torch.full((B,), r, device=src.device))
-        # each source's B token is within eps of its row's exact best
-        chosen = s64.gather(2, b_of[:, :, None]).squeeze(2)
-        gap = torch.where(src, best64 - chosen, torch.zeros_like(chosen))
-        assert float(gap.max()) <= eps, f"a merge {float(gap.max()):.3g} below the row's best (bound {eps:.3g})"
-        # the r sources are the top-r rows by exact node_max, up to eps at the cut
-        lowest_src = torch.where(src, best64, torch.full_like(best64, float("inf"))).min(dim=1).values
-        highest_kept = torch.where(~src, best64, torch.full_like(best64, float("-inf"))).max(dim=1).values
-        assert float((highest_kept - lowest_src).max()) <= eps, "a kept row beats a source by more than the bound"
+        _assert_near_optimal(dest, s64, r, eps)
     return int((got != want).sum())
+
+
+def _assert_near_optimal(dest, s64, r, eps):
+    """A unidirectional slot map's decisions against the exact scores s64: each
+    source's B token within eps of its row's best, and the r sources the top-r rows
+    by exact node_max up to eps at the cut."""
+    B, t1, _ = s64.shape
+    best64 = s64.max(dim=-1).values
+    src, b_of = _unidirectional_decisions(dest, t1, r)
+    assert torch.equal(src.sum(dim=1), torch.full((B,), r, device=src.device))
+    chosen = s64.gather(2, b_of[:, :, None]).squeeze(2)
+    gap = torch.where(src, best64 - chosen, torch.zeros_like(chosen))
+    assert float(gap.max()) <= eps, f"a merge {float(gap.max()):.3g} below the row's best (bound {eps:.3g})"
+    lowest_src = torch.where(src, best64, torch.full_like(best64, float("inf"))).min(dim=1).values
+    highest_kept = torch.where(~src, best64, torch.full_like(best64, float("-inf"))).max(dim=1).values
+    assert float((highest_kept - lowest_src).max()) <= eps, "a kept row beats a source by more than the bound"
+
+
+def test_near_tie_checker_rejects_wrong_maps(device):
+    """The half-precision checker is not vacuous: a map that merges one source into a
+    clearly worse B token, or keeps a clearly better row, fails it."""
+    x, a, s = _inputs(device, 1, 197, 64)
+    r, eps = 40, _half_bound(torch.float16, 64, 1.0)
+    s64 = _scores64(x, a, s, 1.0, 20.0, 40.0, 1)
+    dest = match_reference(x, r, a, s, bidirectional=False)
+    _assert_near_optimal(dest, s64, r, eps)
+    n_unm = 99 - r
+    src_rows = (dest[0, 0::2] >= n_unm).nonzero().flatten()
+    worse = dest.clone()
+    a0 = int(src_rows[0])
+    worse[0, 2 * a0] = n_unm + int(s64[0, a0].argmin())  # the row's worst B token
+    with pytest.raises(AssertionError, match="below the row's best"):
+        _assert_near_optimal(worse, s64, r, eps)
+    # the strongest source kept and the weakest (unprotected) kept row merged, into its best B
+    swapped = dest.clone()
+    kept = (dest[0, 0::2] < n_unm).nonzero().flatten()
+    kept = kept[kept > 0]  # row 0 is the protected class token
+    weakest_kept = int(kept[s64[0, kept].max(dim=-1).values.argmin()])
+    strongest_src = int(src_rows[s64[0, src_rows].max(dim=-1).values.argmax()])
+    swapped[0, 2 * strongest_src] = dest[0, 2 * weakest_kept]
+    swapped[0, 2 * weakest_kept] = n_unm + int(s64[0, weakest_kept].argmax())
+    with pytest.raises(AssertionError, match="kept row beats"):
+        _assert_near_optimal(swapped, s64, r, eps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
