@@ -3,16 +3,20 @@
 
 Two designs, chosen by the launcher (``match.py``) from T:
 
-- ``_match_fused_kernel`` (t1, t2 <= its tile, every 224 px /16 model): ONE launch,
-  one program per image. Token stats, the (t1, t2) score tile (computed once, kept
-  on chip), row max/argmax, the rank of A, the column max over unmerged A, the rank
-  of B and the slot map. Vectors that must be read in another order than they are
+- ``_match_fused_kernel`` (t1, t2 <= 128, every 224 px /16 model): ONE launch, one
+  program per image. Token stats, the (t1, t2) scores (each computed once, 64 rows
+  at a time, and kept in a per-image fp32 scratch that stays in L2 for the column
+  pass: the whole 128 x 128 tile in registers spills), row max/argmax, the rank of
+  A, the column max over unmerged A, the rank of B and the slot map. Vectors that must be read in another order than they are
   held (keys to rank, raw slots to gather) go through O(T) global scratch written
   and read back by the same program across ``tl.debug_barrier()``.
 - the tiled path for larger T (4-5 launches): ``_token_stats_kernel``,
   ``_row_max_kernel``, ``_rank_kernel``, ``_col_max_kernel`` (bidirectional only),
   ``_assign_kernel``; score tiles are recomputed in the row and column passes,
-  only O(B*T) scratch goes between launches.
+  only O(B*T) scratch goes between launches. Recomputing is kept on purpose: at
+  T = 577 the fp32 score matrix is 85 MB at B = 256 (H100 L2: 50 MB), and a second pass of
+  tensor-core dots and two pows per element is estimated (not measured) to cost
+  about what writing and re-reading it from HBM would.
 
 Numerics (docs/algorithm.md, "Precision"). ``DOT_DTYPE`` is the compute dtype of
 the similarity:
