@@ -8,6 +8,9 @@ Tie-breaking (the public code uses an unstable sort, so its ties are
 unspecified; ours are deterministic and identical in every backend):
 - argmax over a row/column picks the lowest index among equal maxima;
 - descending orderings are stable: equal scores keep ascending token index.
+- NaN scores (NaN or inf in the inputs) rank above every number, as torch's max
+  and sort order them; the Triton kernels compare NaN as +inf (the same order:
+  a finite input gives scores in [0, 1]), so every slot stays in [0, T - r).
 """
 from __future__ import annotations
 

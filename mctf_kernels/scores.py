@@ -1,7 +1,10 @@
-"""Multi-criteria scores between the A tokens (even) and B tokens (odd) (docs/algorithm.md, "Scores").
+"""Multi-criteria scores between the A tokens (even) and B tokens (odd)
+(docs/algorithm.md, "Scores" and "Precision").
 
-score[a, b] = W_sim * W_info * W_size, always in float32. Rows and columns of
+score[a, b] = W_sim * W_info * W_size, returned in float32. Rows and columns of
 protected prefix tokens are -inf so they are never a source nor a destination.
+The cosine runs in ``compute_dtype(x)``: float32, or the half dtype of autocast or
+of a half model, as the public code's evaluation (under CUDA autocast) computes it.
 """
 from __future__ import annotations
 
@@ -14,6 +17,14 @@ from ._checks import check_per_token, check_temperature, check_tokens
 # Clamp for norms and attention: a zero token or an underflowed attention
 # column must give a finite score, not NaN/inf (the public code divides by 0).
 EPS = 1e-12
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the similarity matmul: the autocast dtype when autocast is enabled
+    for x's device type, else x's dtype if it is float16/bfloat16, else float32."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def informativeness(attn_received: torch.Tensor) -> torch.Tensor:
@@ -60,9 +71,14 @@ def scores_reference(
     a, b = m[:, ::2], m[:, 1::2]
     t1, t2 = a.shape[1], b.shape[1]
     if tau_sim:
-        cos = a @ b.transpose(1, 2)
+        cd = compute_dtype(x)
+        # Half precision: m rounded to cd, fp32-accumulated matmul rounded to cd (what
+        # autocast's matmul does), then (cos + 1) / 2 and the clamp in cd, and pow in
+        # float32 (an fp32 op under CUDA autocast), written out so every device and a
+        # half model without autocast compute the same.
+        cos = torch.matmul(a.to(cd), b.to(cd).transpose(1, 2))
         # clamp: rounding can push cos below -1, and a fractional power of a negative is NaN
-        score = ((cos + 1) / 2).clamp_min(0) ** (1.0 / tau_sim)
+        score = ((cos + 1) / 2).clamp_min(0).float() ** (1.0 / tau_sim)
     else:
         score = torch.ones(B, t1, t2, device=x.device, dtype=torch.float32)
     if tau_info and attn_received is not None:

@@ -23,23 +23,21 @@ from mctf_kernels.triton import _flash_attention_kernel as FK  # noqa: E402
 from mctf_kernels.triton import _match_kernel as MK  # noqa: E402
 from mctf_kernels.triton import _merge_kernel as GK  # noqa: E402
 from mctf_kernels.triton import _slots_kernel as SK  # noqa: E402
-from mctf_kernels.triton.configs import merge_config, slot_index_config  # noqa: E402
-from mctf_kernels.triton.match import _blocks  # noqa: E402
-from mctf_kernels.triton._common import block_size  # noqa: E402
+from mctf_kernels.triton.configs import match_configs, merge_config, slot_index_config  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget
 except ImportError:  # pragma: no cover
     sys.exit(3)
 
-TARGET = GPUTarget("cuda", 90, 64)
+TARGET = GPUTarget("cuda", 90, 32)
 GPU = torch.device("cuda")  # the GPU launch configurations (no GPU is touched)
 FLOAT_SCALARS = {"scale", "e_sim", "e_info", "e_size"}
-INT32_POINTERS = {"node_idx_ptr", "rank_a_ptr", "node_idx2_ptr"}
+INT32_POINTERS = {"node_idx_ptr", "rank_a_ptr", "node_idx2_ptr", "aux_ptr"}
 INT64_POINTERS = {"dest_ptr", "order_ptr", "starts_ptr"}
 
 
-def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4):
+def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4, num_stages=None):
     """Kernel arguments by the kernels' naming convention: ``*_ptr`` pointers (the
     ``data_pointers`` in ``dtype``), the temperatures/scale fp32, every other scalar i32."""
     signature = {}
@@ -53,7 +51,8 @@ def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4):
         else:
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(src, target=TARGET, options=options)
     assert compiled.asm["cubin"], fn.__name__
 
 
@@ -66,24 +65,36 @@ def main() -> int:
                  (MK.POW_CUBE, MK.POW_GENERAL, MK.POW_OFF), (MK.POW_OFF, MK.POW_OFF, MK.POW_OFF)]
     for (T, C), dtype in itertools.product(((197, 384), (1370, 1280)), dtypes):
         t1, t2 = (T + 1) // 2, T // 2
-        blk = _blocks(False, t1, t2, C, T)
-        compile_kernel(MK._token_stats_kernel, dict(HAS_INFO=True, HAS_SIZE=True, BLOCK_T=blk["BLOCK_A"],
-                       BLOCK_C=blk["BLOCK_C"], BLOCK_R=blk["BLOCK_R"]), dtype, ("x_ptr",))
-        count += 1
+        half = dtype != "fp32"
+        cfg = match_configs(True, t1, t2, C, T, half)
+        launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        dot = dict(HALF=half, DOT_DTYPE={"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[dtype])
         # the preset's pow paths everywhere; the others (and no prefix token) once, in fp16 at DeiT-S
         variants = [(pow_modes[0], True)] + ([(m, p) for m in pow_modes for p in (False, True)][1:]
                                              if (T, dtype) == (197, "fp16") else [])
+        if cfg["fused"]:
+            for (sim, info, size), prot in variants:
+                for bidir, remap in ((True, False), (False, False), (True, True)):
+                    compile_kernel(MK._match_fused_kernel, dict(
+                        SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, BIDIR=bidir, REMAP=remap and prot,
+                        USE_LIBDEVICE=1 if half else 2, **dot, BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_M=cfg["BLOCK_M"],
+                        BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], BLOCK_P=16), dtype, ("x_ptr",), **launch)
+                    count += 1
+            continue
+        compile_kernel(MK._token_stats_kernel, dict(HAS_INFO=True, HAS_SIZE=True, BLOCK_T=cfg["BLOCK_A"],
+                       BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"]), dtype, ("x_ptr",), cfg["num_warps"])
+        count += 1
         for (sim, info, size), prot in variants:
-            common = dict(SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, USE_LIBDEVICE=True,
-                          BLOCK_A=blk["BLOCK_A"], BLOCK_B=blk["BLOCK_B"], BLOCK_C=blk["BLOCK_C"])
-            compile_kernel(MK._row_max_kernel, common, dtype, ("x_ptr",))
-            compile_kernel(MK._col_max_kernel, common, dtype, ("x_ptr",))
+            common = dict(SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, USE_LIBDEVICE=1 if half else 2, **dot,
+                          BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"])
+            compile_kernel(MK._row_max_kernel, common, dtype, ("x_ptr",), cfg["num_warps"])
+            compile_kernel(MK._col_max_kernel, common, dtype, ("x_ptr",), cfg["num_warps"])
             count += 2
-        compile_kernel(MK._rank_kernel, dict(BLOCK=blk["BLOCK_A"], BLOCK_J=blk["BLOCK_J"]))
+        compile_kernel(MK._rank_kernel, dict(BLOCK=cfg["BLOCK_A"], BLOCK_J=cfg["BLOCK_J"]), num_warps=cfg["num_warps"])
         count += 1
         for bidir, prot, remap in ((True, True, False), (False, False, False), (True, True, True)):
-            compile_kernel(MK._assign_kernel, dict(BIDIR=bidir, HAS_PROT=prot, REMAP=remap, BLOCK_T=blk["BLOCK_A"],
-                                                   BLOCK_J=blk["BLOCK_J"], BLOCK_P=16))
+            compile_kernel(MK._assign_kernel, dict(BIDIR=bidir, HAS_PROT=prot, REMAP=remap, BLOCK_T=cfg["BLOCK_A"],
+                                                   BLOCK_J=cfg["BLOCK_J"], BLOCK_P=16), num_warps=cfg["num_warps"])
             count += 1
     # merge: token features (C = 384, 1280) at batch 256 and 1 (other slot blocks / channel
     # splits), with and without sources; and the slot index at T = 197, 577

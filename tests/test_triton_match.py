@@ -1,11 +1,15 @@
-"""Fused Triton score-and-match against ``match_reference``: slot maps must be equal.
+"""Fused Triton score-and-match against ``match_reference``.
 
-On CPU the kernels run under the Triton interpreter (tests/conftest.py), on a
-representative subset of shapes; on CUDA the full grid runs. Slot maps are
-integer outputs and compare exactly. Random Gaussian tokens leave node_max
-gaps far above the few-ulp differences of a different dot summation order;
-the quantised "tie tokens" make every dot product exact, so they check the
-tie-breaking rules bit for bit.
+float32: slot maps must be equal. On CPU the kernels run under the Triton
+interpreter (tests/conftest.py), on a representative subset of shapes; on CUDA
+the full grid runs. Slot maps are integer outputs and compare exactly. Random
+Gaussian tokens leave node_max gaps far above the few-ulp differences of a
+different dot summation order; the quantised "tie tokens" make every dot product
+exact, so they check the tie-breaking rules bit for bit. ``force_gpu_configs()``
+runs the GPU block sizes (the single launch's row-block and channel loops at
+T = 197, the tiled path's tile loops at T = 577) under the interpreter.
+
+Half precision: slot maps may differ only at near-ties (``_check_half``).
 """
 import itertools
 
@@ -15,6 +19,7 @@ import torch
 import mctf_kernels
 from mctf_kernels import match_reference
 from mctf_kernels.triton import match as triton_match
+from mctf_kernels.triton.configs import force_gpu_configs
 
 ON_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.usefixtures("triton_backend")
@@ -142,15 +147,193 @@ def test_exact_ties(device, T, tau_sim, with_size):
                    bidirectional=bidirectional)
 
 
-# ---------------------------------------------------------------- inputs
+# ---------------------------------------------------------------- GPU launch configurations
+FORCED = [(197, 384, True, 1), (197, 64, False, 2), (197, 64, True, 0), (577, 64, True, 1), (577, 64, False, 2)]
+
+
+@pytest.mark.parametrize("T,C,bidirectional,num_protected", FORCED)
+def test_gpu_configs_under_interpreter(device, T, C, bidirectional, num_protected):
+    """The GPU block sizes and loops (fused: 64-row blocks, 16-channel chunks, 16-key
+    rank chunks; tiled: 64 x 64 tiles) cross their boundaries at T = 197 / 577."""
+    x, a, s = _inputs(device, 2 if T == 197 else 1, T, C)
+    before = triton_match.launch_count
+    with force_gpu_configs():
+        for r in _r_values(T, num_protected):
+            _check(x, r, a, s, num_protected=num_protected, bidirectional=bidirectional)
+        x_t = _tie_tokens(device, 1, T, 64)
+        _check(x_t, (T - num_protected) // 3, None, torch.randint(1, 4, (1, T), device=device).float(),
+               tau_sim=1.0, tau_size=1.0, num_protected=num_protected, bidirectional=bidirectional)
+    per_call = 1 if T <= 256 else (5 if bidirectional else 4)
+    assert triton_match.launch_count - before == per_call * (len(_r_values(T, num_protected)) + 1)
+
+
+# ---------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("T", [197, 577])
+def test_non_finite_inputs(device, T):
+    """NaN/inf anywhere: every slot stays in [0, T - r) and the map equals the
+    reference's (NaN scores rank first, ties to the lower index, as torch orders NaN)."""
+    C = 64
+    x, a, s = _inputs(device, 2, T, C)
+    x[0, 5] = float("nan")
+    x[1, :20] = float("inf")
+    a[1, 7] = float("nan")
+    s[0, 3] = 0.0  # 1 / size = inf: the size factors of that image are NaN
+    cases = [(x, a, s), (torch.full_like(x, float("nan")), a, s), (x, None, None)]
+    for xx, aa, ss in cases:
+        for num_protected, bidirectional in [(1, True), (2, False), (0, True)]:
+            r = (T - num_protected) // 2
+            got = _check(xx, r, aa, ss, num_protected=num_protected, bidirectional=bidirectional)
+            assert int(got.min()) >= 0 and int(got.max()) < T - r
+
+
+# ---------------------------------------------------------------- half precision
+# Documented bound for the half path (docs/algorithm.md, "Precision"): kernel and
+# reference both compute base = ((round_h(cos) + 1) / 2).clamp(0), each op rounded
+# to the half dtype h (unit roundoff u = 2^-11 fp16, 2^-8 bf16), from m = x / ||x||
+# rounded to h. Against the exact (float64) base, the kernel's base is off by at most
+#   m rounded to h: |d cos| <= 2u (both operands, Cauchy-Schwarz) -> 1u on base
+#   cos rounded to h: u/2 on cos -> u/4 on base; cos + 1 rounded: u -> u/2 on base
+#   fp32 accumulation over C channels: C * 2^-24 on cos -> C * 2^-25 on base
+# so d_base <= 1.75u + C 2^-25 (<= 2u + C 2^-25 below). pow(base, e) and the
+# info/size factors (<= 1, fp32, a few fp32 ulp) give |d score| <= e * max(1,
+# base^(e-1)) * d_base + 2^-20. A choice x of the kernel over y (exact score of y
+# higher) needs kernel(x) >= kernel(y), so exact(y) - exact(x) <= 2 |d score|.
+_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _half_bound(dtype, C, tau_sim, base_min=0.5):
+    e = 1.0 / tau_sim
+    d_base = 2 * _UNIT[dtype] + C * 2.0 ** -25
+    return 2 * (e * max(1.0, base_min ** (e - 1)) * d_base + 2.0 ** -20)
+
+
+def _scores64(x, a, s, tau_sim, tau_info, tau_size, num_protected):
+    """The exact scores: the reference's formula evaluated in float64."""
+    xd = x.double()
+    m = xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    score = ((cos + 1) / 2).clamp_min(0) ** (1.0 / tau_sim)
+    if a is not None and tau_info:
+        inv = 1.0 / a.double().clamp_min(1e-12)
+        i = inv / inv.amax(dim=1, keepdim=True)
+        score = score * (i[:, ::2, None] * i[:, None, 1::2]) ** (1.0 / tau_info)
+    if s is not None and tau_size:
+        inv = 1.0 / s.double()
+        z = inv / inv.amax(dim=1, keepdim=True)
+        score = score * (z[:, ::2, None] * z[:, None, 1::2]) ** (1.0 / tau_size)
+    score[:, : (num_protected + 1) // 2, :] = float("-inf")
+    score[:, :, : num_protected // 2] = float("-inf")
+    return score
+
+
+def _unidirectional_decisions(dest, t1, r):
+    """Stage-1 sources and their B tokens, read back from a unidirectional slot map
+    with num_protected <= 1 (unmerged A slots come first, then B tokens in order)."""
+    n_unm = t1 - r
+    slot_a = dest[:, 0::2]
+    src = slot_a >= n_unm
+    return src, (slot_a - n_unm).clamp_min(0)
+
+
+def _check_half(x, r, a, s, dtype, *, tau_sim=1.0, tau_info=20.0, tau_size=40.0, num_protected=1):
+    """Half precision contract on unidirectional matching (every decision can be read
+    back from the slot map): wherever kernel and reference disagree, the float64
+    scores of the kernel's choice and of the best alternative differ by at most
+    ``_half_bound``: the B token each source merges into, and the cut between
+    sources and kept A tokens (node_max). Returns the number of differing tokens."""
+    kw = dict(tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size, num_protected=num_protected,
+              bidirectional=False)
+    got = mctf_kernels.match(x, r, a, s, **kw)
+    want = match_reference(x, r, a, s, **kw)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    B, T = got.shape
+    assert int(got.min()) >= 0 and int(got.max()) < T - r
+    eps = _half_bound(dtype, x.shape[-1], tau_sim)
+    s64 = _scores64(x, a, s, tau_sim, tau_info, tau_size, num_protected)
+    for dest in (got, want):
+        _assert_near_optimal(dest, s64, r, eps)
+    return int((got != want).sum())
+
+
+def _assert_near_optimal(dest, s64, r, eps):
+    """A unidirectional slot map's decisions against the exact scores s64: each
+    source's B token within eps of its row's best, and the r sources the top-r rows
+    by exact node_max up to eps at the cut."""
+    B, t1, _ = s64.shape
+    best64 = s64.max(dim=-1).values
+    src, b_of = _unidirectional_decisions(dest, t1, r)
+    assert torch.equal(src.sum(dim=1), torch.full((B,), r, device=src.device))
+    chosen = s64.gather(2, b_of[:, :, None]).squeeze(2)
+    gap = torch.where(src, best64 - chosen, torch.zeros_like(chosen))
+    assert float(gap.max()) <= eps, f"a merge {float(gap.max()):.3g} below the row's best (bound {eps:.3g})"
+    lowest_src = torch.where(src, best64, torch.full_like(best64, float("inf"))).min(dim=1).values
+    highest_kept = torch.where(~src, best64, torch.full_like(best64, float("-inf"))).max(dim=1).values
+    assert float((highest_kept - lowest_src).max()) <= eps, "a kept row beats a source by more than the bound"
+
+
+def test_near_tie_checker_rejects_wrong_maps(device):
+    """The half-precision checker is not vacuous: a map that merges one source into a
+    clearly worse B token, or keeps a clearly better row, fails it."""
+    x, a, s = _inputs(device, 1, 197, 64)
+    r, eps = 40, _half_bound(torch.float16, 64, 1.0)
+    s64 = _scores64(x, a, s, 1.0, 20.0, 40.0, 1)
+    dest = match_reference(x, r, a, s, bidirectional=False)
+    _assert_near_optimal(dest, s64, r, eps)
+    n_unm = 99 - r
+    src_rows = (dest[0, 0::2] >= n_unm).nonzero().flatten()
+    worse = dest.clone()
+    a0 = int(src_rows[0])
+    worse[0, 2 * a0] = n_unm + int(s64[0, a0].argmin())  # the row's worst B token
+    with pytest.raises(AssertionError, match="below the row's best"):
+        _assert_near_optimal(worse, s64, r, eps)
+    # the strongest source kept and the weakest (unprotected) kept row merged, into its best B
+    swapped = dest.clone()
+    kept = (dest[0, 0::2] < n_unm).nonzero().flatten()
+    kept = kept[kept > 0]  # row 0 is the protected class token
+    weakest_kept = int(kept[s64[0, kept].max(dim=-1).values.argmin()])
+    strongest_src = int(src_rows[s64[0, src_rows].max(dim=-1).values.argmax()])
+    swapped[0, 2 * strongest_src] = dest[0, 2 * weakest_kept]
+    swapped[0, 2 * weakest_kept] = n_unm + int(s64[0, weakest_kept].argmax())
+    with pytest.raises(AssertionError, match="kept row beats"):
+        _assert_near_optimal(swapped, s64, r, eps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs(device, dtype):
-    """Scores are fp32 whatever x's dtype (the reference upcasts first)."""
-    shapes = [(3, 197, 384), (2, 577, 768), (1, 1370, 1280)] if ON_CUDA else [(2, 197, 64)]
+def test_half_precision_contract(device, dtype):
+    """A half model's x: the similarity runs in x's dtype (tensor cores on GPU).
+    bf16 runs on CUDA only: the Triton interpreter computes bf16 tl.dot wrongly."""
+    if dtype == torch.bfloat16 and not ON_CUDA:
+        pytest.skip("bf16 tl.dot is wrong under the Triton interpreter: bf16 is checked on CUDA only")
+    shapes = [(3, 197, 384), (2, 577, 768)] if ON_CUDA else [(2, 197, 64), (1, 577, 64)]
+    differing = 0
     for B, T, C in shapes:
         x, a, s = _inputs(device, B, T, C, dtype=dtype)
-        _check(x, (T - 1) // 4, a.to(dtype), s, num_protected=1)
-        _check(x, (T - 2) // 2, a, s.to(dtype), num_protected=2, bidirectional=False)
+        for r, num_protected, tau_sim in [((T - 1) // 2, 1, 1.0), ((T - 1) // 4, 1, 1.0), (T // 3, 0, 0.5)]:
+            differing += _check_half(x, r, a, s, dtype, tau_sim=tau_sim, num_protected=num_protected)
+        with force_gpu_configs():
+            differing += _check_half(x, (T - 1) // 3, a, s, dtype)
+    # the bound is loose, not vacuous: most maps must agree token for token
+    assert differing <= 0.02 * sum(B * T * 4 for B, T, _ in shapes)
+
+
+def test_autocast_uses_half_similarity(device):
+    """Under autocast (fp32 x), the kernel and the reference compute the cosine in the
+    autocast dtype: the kernel's map must follow the half reference (near-ties only),
+    and is not the fp32 map on near-tie inputs."""
+    dtype = torch.float16
+    x, a, s = _inputs(device, 2, 197, 64)
+    with torch.autocast(device_type=x.device.type, dtype=dtype):
+        assert mctf_kernels.scores.compute_dtype(x) == dtype
+        _check_half(x, 98, a, s, dtype)
+        _check_half(x, 40, a, s, dtype)
+    assert mctf_kernels.scores.compute_dtype(x) == torch.float32
+    # tokens whose cosines (1 - ~1e-4) differ below fp16 resolution (2^-11): fp32 ranks them, fp16 ties them
+    xt = torch.randn(1, 1, 64, device=device) + 1e-2 * torch.randn(1, 33, 64, device=device)
+    with torch.autocast(device_type=x.device.type, dtype=dtype):
+        _check_half(xt, 16, None, None, dtype, num_protected=0)
+        half_map = mctf_kernels.match(xt, 16, None, None, bidirectional=False, num_protected=0)
+    fp32_map = _check(xt, 16, None, None, bidirectional=False, num_protected=0)
+    assert not torch.equal(half_map, fp32_map)
 
 
 def test_strided_inputs(device):
@@ -178,18 +361,20 @@ def test_zero_tokens_and_uniform_sizes(device):
 
 # ---------------------------------------------------------------- plumbing
 def test_kernels_ran(device, monkeypatch):
-    """The public op goes through the Triton launcher, one launch per stage."""
-    x, a, s = _inputs(device, 2, 197, 64)
-    before = triton_match.launch_count
-    _check(x, 16, a, s, bidirectional=True)
-    assert triton_match.launch_count - before == 5  # stats, row max, rank A, column max, assign
-    before = triton_match.launch_count
-    _check(x, 16, a, s, bidirectional=False)
-    assert triton_match.launch_count - before == 4  # no column max without stage 2
+    """The public op goes through the Triton launcher: ONE launch for T <= 256 (the
+    single-launch kernel), one per stage on the tiled path."""
+    for T, bidir_launches, uni_launches in [(197, 1, 1), (256, 1, 1), (257, 5, 4)]:
+        x, a, s = _inputs(device, 2, T, 32)
+        before = triton_match.launch_count
+        _check(x, 16, a, s, bidirectional=True)
+        assert triton_match.launch_count - before == bidir_launches, T
+        before = triton_match.launch_count
+        _check(x, 16, a, s, bidirectional=False)
+        assert triton_match.launch_count - before == uni_launches, T  # no column max without stage 2
     before = triton_match.launch_count
     out = _check(x, 0, a, s)
     assert triton_match.launch_count == before  # r = 0: the identity, no launch
-    assert torch.equal(out, torch.arange(197, device=device).expand(2, 197))
+    assert torch.equal(out, torch.arange(T, device=device).expand(2, T))
     assert mctf_kernels.triton.LAUNCHERS["match"] is triton_match.match_triton
 
 
@@ -223,7 +408,16 @@ def test_torch_compile(device):
     x, a, s = _inputs(device, 2, 197, 192)
 
     def f(x, a, s):
-        return torch.ops.mctf.match(x, 32, a, s, 1.0, 20.0, 40.0, 1, True)
+        return torch.ops.mctf.match(x, 32, a, s, 1.0, 20.0, 40.0, 1, True, 0)  # 0: fp32 similarity
 
     got = torch.compile(f, fullgraph=True)(x, a, s)
     assert torch.equal(got, match_reference(x, 32, a, s))
+
+    def g(x, a, s):  # the public op reads the autocast state while tracing
+        with torch.autocast("cuda", dtype=torch.float16):
+            return mctf_kernels.match(x, 32, a, s)
+
+    with mctf_kernels.use_backend("triton"):
+        got = torch.compile(g, fullgraph=True)(x, a, s)
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert torch.equal(got, mctf_kernels.match(x, 32, a, s))

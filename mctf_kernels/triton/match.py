@@ -1,9 +1,16 @@
 """Launcher of the fused score-and-match kernels: same contract as
 ``mctf_kernels.match.match_reference`` (slot map ``dest`` (B, T) int64).
 
-Launches (one per stage, no host sync, no data-dependent shapes): token stats,
-stage-1 row max, rank of A, stage-2 column max (bidirectional only), slot
-assignment. See ``_match_kernel`` for what each computes.
+T <= 256 (t1, t2 <= configs.MATCH_FUSED_MAX_HALF): ONE launch, one program per
+image (``_match_fused_kernel``). Larger T: the tiled path, one launch per stage
+(token stats, row max, rank of A, column max when bidirectional, slot assignment).
+No host sync, no data-dependent shapes.
+
+Compute dtype of the similarity (docs/algorithm.md, "Precision"): the autocast
+dtype when autocast is enabled for x's device type, else x's dtype when it is
+float16/bfloat16, else float32 (the exact path). ``match_triton`` reads it outside
+the custom op and passes it in, so a traced graph keeps it as a constant; it is the
+same rule as ``mctf_kernels.scores.compute_dtype``, which the reference follows.
 """
 from __future__ import annotations
 
@@ -13,14 +20,17 @@ from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
 from .._checks import check_per_token, check_temperature, check_tokens
 from ..dispatch import interpreter_enabled
 from ..match import _check_r
 from ..schedule import split_directions
+from ..scores import compute_dtype
 from . import LAUNCHERS
 from . import _match_kernel as K
 from ._common import custom_op, wrap
+from .configs import gpu_configs, match_configs
 
 # Ranks, positions and slots are int32 inside the kernels; 2**16 tokens keeps
 # every count far from overflow and is well beyond ViT sequence lengths.
@@ -42,32 +52,21 @@ def _pow_mode(tau: float, active: bool) -> tuple[int, float]:
     return mode, e
 
 
-def _blocks(interpret: bool, t1: int, t2: int, C: int, T: int) -> dict:
-    """Block sizes: moderate tiles on GPU (fp32 FMA dot, register bound); under the
-    interpreter one large config, since each op costs Python overhead, not FLOPs."""
-    p2 = triton.next_power_of_2
-    if interpret:
-        tile, chunk, rank = 128, 256, 256
-    else:
-        tile, chunk, rank = 64, 32, 128
-    return dict(
-        BLOCK_A=max(16, min(tile, p2(t1))),
-        BLOCK_B=max(16, min(tile, p2(t2))),
-        BLOCK_C=max(16, min(chunk, p2(C))),
-        BLOCK_R=max(16, min(rank, p2(T))),
-        BLOCK_J=max(16, min(rank, p2(T))),
-    )
-
-
 def _launch(kernel, grid, *args, **meta):
     global launch_count
     launch_count += 1
     wrap(kernel)[grid](*args, **meta)
 
 
+# compute dtype code passed to the custom op (a schema-friendly int)
+_DOT_DTYPES = {0: tl.float32, 1: tl.float16, 2: tl.bfloat16}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def _match_impl(
     x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
     tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
+    dot_dtype: int,
 ) -> torch.Tensor:
     B, T, C = x.shape
     t1, t2 = (T + 1) // 2, T // 2
@@ -76,20 +75,17 @@ def _match_impl(
     sim_mode, e_sim = _pow_mode(tau_sim, True)
     info_mode, e_info = _pow_mode(tau_info, attn_received is not None)
     size_mode, e_size = _pow_mode(tau_size, size is not None)
-    interpret = interpreter_enabled() or dev.type != "cuda"
-    blk = _blocks(interpret, t1, t2, C, T)
-    common = dict(SIM_MODE=sim_mode, INFO_MODE=info_mode, SIZE_MODE=size_mode,
-                  HAS_PROT=num_protected > 0, USE_LIBDEVICE=not interpret,
-                  BLOCK_A=blk["BLOCK_A"], BLOCK_B=blk["BLOCK_B"], BLOCK_C=blk["BLOCK_C"])
-    # Warps: the fp32 dot tiles are 64x64 on GPU; 4 warps keep registers in check.
-    warps = {} if interpret else dict(num_warps=4)
+    half = dot_dtype != 0
+    cfg = match_configs(gpu_configs(dev), t1, t2, C, T, half)
+    # pow: libdevice powf (torch's own) on the exact fp32 path, MUFU log2/exp2 on the
+    # half path, float64 under the interpreter (no libdevice there)
+    use_libdevice = 0 if dev.type != "cuda" or interpreter_enabled() else (1 if half else 2)
+    warps = {k: cfg[k] for k in ("num_warps", "num_stages") if cfg[k] is not None}
+    numerics = dict(SIM_MODE=sim_mode, INFO_MODE=info_mode, SIZE_MODE=size_mode,
+                    HAS_PROT=num_protected > 0, USE_LIBDEVICE=use_libdevice,
+                    HALF=half, DOT_DTYPE=_DOT_DTYPES[dot_dtype])
+    blocks = dict(BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"])
 
-    stats = torch.empty(B, 3, T, device=dev, dtype=torch.float32)
-    node_max = torch.empty(B, t1, device=dev, dtype=torch.float32)
-    node_idx = torch.empty(B, t1, device=dev, dtype=torch.int32)
-    rank_a = torch.empty(B, t1, device=dev, dtype=torch.int32)
-    node_max2 = torch.empty(B, max(t2, 1), device=dev, dtype=torch.float32)
-    node_idx2 = torch.empty(B, max(t2, 1), device=dev, dtype=torch.int32)
     dest = torch.empty(B, T, device=dev, dtype=torch.int64)
     # Absent optional inputs: any tensor as a never-read pointer.
     attn = attn_received if attn_received is not None else x
@@ -98,28 +94,46 @@ def _match_impl(
     ssb, sst = (sz.stride(0), sz.stride(1)) if size is not None else (0, 0)
     sxb, sxt, sxc = x.stride()
     taus = (e_sim, e_info, e_size)
+    block_p = max(16, min(64, triton.next_power_of_2(max(num_protected, 1))))
 
     ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with ctx:
-        bt = blk["BLOCK_A"]
+        if cfg["fused"]:
+            # per-image scratch: the score matrix (column pass only), keys, row argmax/positions
+            scores = torch.empty(B, t1, t2, device=dev, dtype=torch.float32) if bidirectional else dest
+            keys = torch.empty(B, T, device=dev, dtype=torch.float32)
+            aux = torch.empty(B, 2, t1, device=dev, dtype=torch.int32)
+            _launch(K._match_fused_kernel, (B,),
+                    x, attn, sz, scores, keys, aux, dest, T, t1, t2, C, r1, r2, num_protected,
+                    sxb, sxt, sxc, sab, sat, ssb, sst, *taus, **numerics,
+                    BIDIR=bool(bidirectional), REMAP=num_protected > 1, **blocks,
+                    BLOCK_M=min(cfg["BLOCK_M"], blocks["BLOCK_A"]), BLOCK_J=cfg["BLOCK_J"],
+                    BLOCK_P=block_p, **warps)
+            return dest
+        stats = torch.empty(B, 3, T, device=dev, dtype=torch.float32)
+        node_max = torch.empty(B, t1, device=dev, dtype=torch.float32)
+        node_idx = torch.empty(B, t1, device=dev, dtype=torch.int32)
+        rank_a = torch.empty(B, t1, device=dev, dtype=torch.int32)
+        node_max2 = torch.empty(B, max(t2, 1), device=dev, dtype=torch.float32)
+        node_idx2 = torch.empty(B, max(t2, 1), device=dev, dtype=torch.int32)
+        bt = blocks["BLOCK_A"]
         _launch(K._token_stats_kernel, (B, triton.cdiv(T, bt)),
                 x, attn, sz, stats, T, C, sxb, sxt, sxc, sab, sat, ssb, sst,
                 HAS_INFO=info_mode != K.POW_OFF, HAS_SIZE=size_mode != K.POW_OFF,
-                BLOCK_T=bt, BLOCK_C=blk["BLOCK_C"], BLOCK_R=blk["BLOCK_R"], **warps)
-        _launch(K._row_max_kernel, (B, triton.cdiv(t1, blk["BLOCK_A"])),
+                BLOCK_T=bt, BLOCK_C=blocks["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"], **warps)
+        _launch(K._row_max_kernel, (B, triton.cdiv(t1, blocks["BLOCK_A"])),
                 x, stats, node_max, node_idx, t1, t2, T, C, num_protected, sxb, sxt, sxc, *taus,
-                **common, **warps)
-        _launch(K._rank_kernel, (B, triton.cdiv(t1, blk["BLOCK_A"])),
-                node_max, rank_a, t1, BLOCK=blk["BLOCK_A"], BLOCK_J=blk["BLOCK_J"], **warps)
+                **numerics, **blocks, **warps)
+        _launch(K._rank_kernel, (B, triton.cdiv(t1, blocks["BLOCK_A"])),
+                node_max, rank_a, t1, BLOCK=blocks["BLOCK_A"], BLOCK_J=cfg["BLOCK_J"], **warps)
         if bidirectional:
-            _launch(K._col_max_kernel, (B, triton.cdiv(t2, blk["BLOCK_B"])),
+            _launch(K._col_max_kernel, (B, triton.cdiv(t2, blocks["BLOCK_B"])),
                     x, stats, rank_a, node_max2, node_idx2, t1, t2, T, C, num_protected, r1,
-                    sxb, sxt, sxc, *taus, **common, **warps)
+                    sxb, sxt, sxc, *taus, **numerics, **blocks, **warps)
         _launch(K._assign_kernel, (B, triton.cdiv(T, bt)),
                 rank_a, node_idx, node_max2, node_idx2, dest, T, t1, t2, r1, r2, num_protected,
                 BIDIR=bool(bidirectional), HAS_PROT=num_protected > 0, REMAP=num_protected > 1,
-                BLOCK_T=bt, BLOCK_J=blk["BLOCK_J"],
-                BLOCK_P=max(16, min(64, triton.next_power_of_2(max(num_protected, 1)))), **warps)
+                BLOCK_T=bt, BLOCK_J=cfg["BLOCK_J"], BLOCK_P=block_p, **warps)
     return dest
 
 
@@ -139,7 +153,8 @@ def match_triton(
     num_protected: int = 1,
     bidirectional: bool = True,
 ) -> torch.Tensor:
-    """Fused score-and-match; equals ``match_reference`` (slot map (B, T) int64)."""
+    """Fused score-and-match; equals ``match_reference`` (slot map (B, T) int64):
+    exactly for float32, up to near-ties in half precision (docs/algorithm.md, "Precision")."""
     check_tokens("x", x)
     B, T, C = x.shape
     _check_r(r, T, num_protected)
@@ -158,7 +173,7 @@ def match_triton(
     if x.device.type == "cpu" and not interpreter_enabled():
         raise ValueError("the Triton match kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     return _match_op(x, r, attn_received, size, float(tau_sim), float(tau_info), float(tau_size),
-                     int(num_protected), bool(bidirectional))
+                     int(num_protected), bool(bidirectional), _DTYPE_CODES[compute_dtype(x)])
 
 
 LAUNCHERS["match"] = match_triton
