@@ -65,13 +65,18 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_finite_number(v) -> bool:
+    # only floats can be NaN/inf; math.isfinite on an int would also break torch.compile's trace
+    return _is_number(v) and (isinstance(v, int) or math.isfinite(v))
+
+
 def check_temperature(name: str, tau: float) -> None:
-    if not _is_number(tau) or not math.isfinite(tau) or tau < 0:
+    if not _is_finite_number(tau) or tau < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (0 disables the criterion), got {tau!r}")
 
 
 def check_scale(scale) -> None:
-    if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
+    if not _is_finite_number(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
 
 
