@@ -11,6 +11,8 @@ in the same launch.
 import triton
 import triton.language as tl
 
+EPS = tl.constexpr(1e-12)  # floor of the mode-1 size normaliser, as mctf_kernels.merge.EPS
+
 
 @triton.jit
 def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
@@ -73,11 +75,12 @@ def _merge_kernel(
 
     smax = 1.0
     if MODE == 1 and HAS_SIZE:  # the row's largest size (pooling_weights' max), folded in
-        run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        run = tl.full([BLOCK_T], EPS, tl.float32)  # floored: all-zero sizes do not give 0/0
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            sv = tl.load(size_row + offs_t * stride_st, mask=offs_t < T, other=float("-inf")).to(tl.float32)
-            run = tl.maximum(run, sv, propagate_nan=tl.PropagateNan.ALL)
+            sv = tl.load(size_row + offs_t * stride_st, mask=offs_t < T, other=EPS).to(tl.float32)
+            # NaN is skipped (it would take every weight of the row to NaN, not just its slot's)
+            run = tl.where(sv > run, sv, run)
         smax = tl.max(run, axis=0)
 
     # Per-slot sums of sizes and pooling weights (same expressions as pooling_weights).
@@ -89,6 +92,14 @@ def _merge_kernel(
         s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
         s_sum += s
         w_sum += w
+
+    # A slot whose weights sum to exactly 0 is its members' unweighted mean (weight 1 each).
+    unweighted = w_sum == 0
+    den = tl.where(unweighted, count.to(tl.float32), w_sum)
+    # w * keep + unw: exactly w, or 1 (the weights of a slot summing to 0 are finite);
+    # arithmetic, not a select in the loop below, where a select costs a register spill
+    unw = unweighted.to(tl.float32)
+    keep = 1.0 - unw
 
     x_row = x_ptr + b * stride_xb + h * stride_xh
     out_row = out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot
@@ -109,12 +120,13 @@ def _merge_kernel(
                 acc = tl.where(valid[:, None], tl.maximum(acc, xv, propagate_nan=tl.PropagateNan.ALL), acc)
             else:
                 _s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
+                w = w * keep + unw  # xv is 0 where not valid
                 acc += xv * w[:, None]
         if MODE == 2:
             acc = tl.where(count[:, None] > 0, acc, float("nan"))  # an empty slot: NaN, like the reference
         else:
             # an empty slot gives 0/0 = NaN, like the reference (padding rows divide by 1)
-            acc = acc / tl.where(mask_s, w_sum, 1.0)[:, None]
+            acc = acc / tl.where(mask_s, den, 1.0)[:, None]
         tl.store(out_row + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_c[None, :])
 
     # Per-slot results depend on b only: the programs of head 0, first channel split.
