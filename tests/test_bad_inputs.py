@@ -22,16 +22,6 @@ def backend(request):
         yield request.param
 
 
-# the Triton kernels are being rewritten (issue 8); their half of issue 9 item 2 is
-# still open: these marks fail loudly (strict) the day a kernel matches the reference
-KERNEL_TODO = "Triton kernel does not yet implement the defined zero-weight/NaN result (issue 9 item 2)"
-
-
-def kernel_todo(backend, request):
-    if backend == "triton":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=KERNEL_TODO))
-
-
 def tokens(B=2, T=9, C=4):
     return torch.randn(B, T, C)
 
@@ -270,8 +260,7 @@ def test_fused_output_empty_batch(backend):
     assert out.shape == (0, 3, 7, 8)
 
 
-def test_fused_output_zero_weight_slot(backend, request):
-    kernel_todo(backend, request)
+def test_fused_output_zero_weight_slot(backend):
     P = attention(1, 2, 6)
     P[..., 1:3] = 0  # tokens 1 and 2 (slot 1) receive exactly 0.0: their weights are 0
     v, size = torch.randn(1, 2, 4, 8), torch.ones(1, 6)
@@ -281,8 +270,22 @@ def test_fused_output_zero_weight_slot(backend, request):
     torch.testing.assert_close(out[:, :, 1], per_query[:, :, 1:3].mean(2), rtol=1e-5, atol=1e-6)
 
 
-def test_fused_output_nan_row_reaches_only_its_slot(backend, request):
-    kernel_todo(backend, request)
+def test_fused_output_zero_weight_slot_gradient(backend):
+    """Gradients through a zero-weight slot are those of its unweighted mean, as the reference's."""
+    P = attention(1, 2, 6)
+    P[..., 1:3] = 0
+    received = mk.attention_received(P)
+    P.requires_grad_(True)
+    v, size, g = torch.randn(1, 2, 4, 8, requires_grad=True), torch.ones(1, 6), torch.randn(1, 2, 4, 8)
+    mk.fused_attention_output(P, v, DEST, 4, size, received, mode=1).backward(g)
+    P2, v2 = P.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
+    mk.fused_attention_output_reference(P2, v2, DEST, 4, size, received, mode=1).backward(g)
+    assert torch.isfinite(P.grad).all() and torch.isfinite(v.grad).all()
+    torch.testing.assert_close(P.grad, P2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.grad, v2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_output_nan_row_reaches_only_its_slot(backend):
     P, v, size = attention(1, 2, 6), torch.randn(1, 2, 4, 8), torch.ones(1, 6)
     received = mk.attention_received(P)
     P[0, 0, 3, :] = NAN  # query 3 of head 0 belongs to slot 2
