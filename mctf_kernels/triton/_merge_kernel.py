@@ -66,8 +66,10 @@ def _merge_kernel(
     offs_s = (pid % n_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < T_out
     bounds = starts_ptr + b * (T_out + 1) + offs_s
-    start = tl.load(bounds, mask=mask_s, other=0)
-    count = tl.load(bounds + 1, mask=mask_s, other=0) - start
+    # Clamped: a caller's precomputed slot index (``slots=``) is not checked (a host sync),
+    # so wrong values give wrong numbers but never a read outside order, x, size, source.
+    start = tl.minimum(tl.maximum(tl.load(bounds, mask=mask_s, other=0), 0), T)
+    count = tl.minimum(tl.maximum(tl.load(bounds + 1, mask=mask_s, other=0), start), T) - start
     steps = tl.max(count, axis=0)  # members of the block's largest slot
     members = order_ptr + b * T + start
     size_row = size_ptr + b * stride_sb
@@ -88,7 +90,7 @@ def _merge_kernel(
     w_sum = tl.zeros([BLOCK_S], tl.float32)
     for k in range(0, steps):
         valid = k < count
-        t = tl.load(members + k, mask=valid, other=0)
+        t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
         s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
         s_sum += s
         w_sum += w
@@ -112,7 +114,7 @@ def _merge_kernel(
             acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
         for k in range(0, steps):
             valid = k < count
-            t = tl.load(members + k, mask=valid, other=0)
+            t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
             xv = tl.load(x_row + t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
                          mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
             if MODE == 2:
@@ -143,7 +145,7 @@ def _merge_kernel(
                 src = tl.full([BLOCK_S, BLOCK_N], float("-inf"), tl.float32)
                 for k in range(0, steps):
                     valid = k < count
-                    t = tl.load(members + k, mask=valid, other=0)
+                    t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
                     sv = tl.load(src_row + t[:, None] * stride_nt + offs_n[None, :] * stride_nn,
                                  mask=valid[:, None] & mask_n[None, :], other=float("-inf")).to(tl.float32)
                     src = tl.where(valid[:, None], tl.maximum(src, sv, propagate_nan=tl.PropagateNan.ALL), src)
