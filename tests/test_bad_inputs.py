@@ -293,6 +293,17 @@ def test_fused_output_nan_row_reaches_only_its_slot(backend):
     assert out.isnan().any(-1).tolist() == [[[False, False, True, False], [False, False, False, False]]]
 
 
+@pytest.mark.parametrize("where", ["size", "attn_received"])
+def test_fused_output_nan_weight_reaches_only_its_slot(backend, where):
+    """A NaN size or received attention: its slot's row in every head, nothing else (the
+    mode-1 size maximum skips NaN)."""
+    P, v, size = attention(1, 2, 6), torch.randn(1, 2, 4, 8), torch.ones(1, 6)
+    received = mk.attention_received(P)
+    {"size": size, "attn_received": received}[where][0, 4] = NAN  # token 4 belongs to slot 2
+    out = mk.fused_attention_output(P, v, DEST, 4, size, received, mode=1)
+    assert out.isnan().any(-1).tolist() == [[[False, False, True, False]] * 2]
+
+
 # ---------------------------------------------------------------------------
 # fusion_attention and fused_attention_output_from
 
