@@ -22,16 +22,6 @@ def backend(request):
         yield request.param
 
 
-# the Triton kernels are being rewritten (issue 8); their half of issue 9 item 2 is
-# still open: these marks fail loudly (strict) the day a kernel matches the reference
-KERNEL_TODO = "Triton kernel does not yet implement the defined zero-weight/NaN result (issue 9 item 2)"
-
-
-def kernel_todo(backend, request):
-    if backend == "triton":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=KERNEL_TODO))
-
-
 def tokens(B=2, T=9, C=4):
     return torch.randn(B, T, C)
 
@@ -169,8 +159,7 @@ DEST = torch.tensor([[0, 1, 1, 2, 2, 3]])  # slot 1 = tokens 1, 2; slot 2 = toke
 
 
 @pytest.mark.parametrize("mode", [0, 1])
-def test_merge_zero_weight_slot_is_the_unweighted_mean(backend, request, mode):
-    kernel_todo(backend, request)
+def test_merge_zero_weight_slot_is_the_unweighted_mean(backend, mode):
     x = torch.randn(1, 6, 4)
     size = torch.tensor([[1.0, 0.0, 0.0, 2.0, 1.0, 1.0]]) if mode == 0 else torch.ones(1, 6)
     received = torch.tensor([[0.5, 0.0, 0.0, 0.2, 0.3, 0.1]])  # slot 1 received exactly 0.0
@@ -181,10 +170,22 @@ def test_merge_zero_weight_slot_is_the_unweighted_mean(backend, request, mode):
     torch.testing.assert_close(out[0, 2], (x[0, 3:5] * w[:, None]).sum(0) / w.sum(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", [0, 1])
+def test_merge_zero_weight_slot_gradient(backend, mode):
+    """The backward agrees with the forward's unweighted mean: each member of a zero-weight
+    slot gets the slot's gradient / member count."""
+    x = torch.randn(1, 6, 4, requires_grad=True)
+    size = torch.tensor([[1.0, 0.0, 0.0, 2.0, 1.0, 1.0]]) if mode == 0 else torch.ones(1, 6)
+    received = torch.tensor([[0.5, 0.0, 0.0, 0.2, 0.3, 0.1]])
+    g = torch.randn(1, 4, 4)
+    out, _, _ = mk.merge(x, DEST, 4, size, received, mode=mode)
+    out.backward(g)
+    torch.testing.assert_close(x.grad[0, 1:3], (g[0, 1] / 2).expand(2, 4), rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("where", ["x", "size", "attn_received"])
-def test_merge_nan_reaches_only_its_slot(backend, request, where):
-    if where == "size":  # the Triton launcher's max(s) takes the NaN to every slot
-        kernel_todo(backend, request)
+def test_merge_nan_reaches_only_its_slot(backend, where):
     x, size, received = torch.randn(1, 6, 4), torch.ones(1, 6), torch.rand(1, 6) + 0.1
     {"x": x[0, 3], "size": size[0, 3:4], "attn_received": received[0, 3:4]}[where][0] = NAN
     out, _, _ = mk.merge(x, DEST, 4, size, received, mode=1)
@@ -259,8 +260,7 @@ def test_fused_output_empty_batch(backend):
     assert out.shape == (0, 3, 7, 8)
 
 
-def test_fused_output_zero_weight_slot(backend, request):
-    kernel_todo(backend, request)
+def test_fused_output_zero_weight_slot(backend):
     P = attention(1, 2, 6)
     P[..., 1:3] = 0  # tokens 1 and 2 (slot 1) receive exactly 0.0: their weights are 0
     v, size = torch.randn(1, 2, 4, 8), torch.ones(1, 6)
@@ -270,13 +270,38 @@ def test_fused_output_zero_weight_slot(backend, request):
     torch.testing.assert_close(out[:, :, 1], per_query[:, :, 1:3].mean(2), rtol=1e-5, atol=1e-6)
 
 
-def test_fused_output_nan_row_reaches_only_its_slot(backend, request):
-    kernel_todo(backend, request)
+def test_fused_output_zero_weight_slot_gradient(backend):
+    """Gradients through a zero-weight slot are those of its unweighted mean, as the reference's."""
+    P = attention(1, 2, 6)
+    P[..., 1:3] = 0
+    received = mk.attention_received(P)
+    P.requires_grad_(True)
+    v, size, g = torch.randn(1, 2, 4, 8, requires_grad=True), torch.ones(1, 6), torch.randn(1, 2, 4, 8)
+    mk.fused_attention_output(P, v, DEST, 4, size, received, mode=1).backward(g)
+    P2, v2 = P.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
+    mk.fused_attention_output_reference(P2, v2, DEST, 4, size, received, mode=1).backward(g)
+    assert torch.isfinite(P.grad).all() and torch.isfinite(v.grad).all()
+    torch.testing.assert_close(P.grad, P2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.grad, v2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_output_nan_row_reaches_only_its_slot(backend):
     P, v, size = attention(1, 2, 6), torch.randn(1, 2, 4, 8), torch.ones(1, 6)
     received = mk.attention_received(P)
     P[0, 0, 3, :] = NAN  # query 3 of head 0 belongs to slot 2
     out = mk.fused_attention_output(P, v, DEST, 4, size, received, mode=1)
     assert out.isnan().any(-1).tolist() == [[[False, False, True, False], [False, False, False, False]]]
+
+
+@pytest.mark.parametrize("where", ["size", "attn_received"])
+def test_fused_output_nan_weight_reaches_only_its_slot(backend, where):
+    """A NaN size or received attention: its slot's row in every head, nothing else (the
+    mode-1 size maximum skips NaN)."""
+    P, v, size = attention(1, 2, 6), torch.randn(1, 2, 4, 8), torch.ones(1, 6)
+    received = mk.attention_received(P)
+    {"size": size, "attn_received": received}[where][0, 4] = NAN  # token 4 belongs to slot 2
+    out = mk.fused_attention_output(P, v, DEST, 4, size, received, mode=1)
+    assert out.isnan().any(-1).tolist() == [[[False, False, True, False]] * 2]
 
 
 # ---------------------------------------------------------------------------

@@ -186,17 +186,18 @@ def test_fused_attention_output_gpu_configs(device, triton_backend, T, dtype, mo
 
 @pytest.mark.parametrize("gpu", (False, True))
 def test_fused_attention_output_out_of_range_dest(device, triton_backend, gpu):
-    """dest values T' and 10**6: those tokens add nothing as keys or queries; slots left
-    empty are NaN; nothing outside the tensors is touched."""
+    """dest values T', 10**6, -1 and -10**6: those tokens add nothing as keys or queries;
+    slots left empty are NaN; nothing outside the tensors is touched."""
     B, T, D = 2, 197, 64
     dest, t_out = make_dest("bi-1", B, T, device)
     bad = dest.clone()
     bad[0, 7], bad[0, 150], bad[1, 196], bad[1, 3] = t_out, 10 ** 6, 10 ** 6, t_out
+    bad[0, 60], bad[0, 0], bad[1, 100] = -1, -10 ** 6, -1
     attn = make_attn(B, T, torch.float32, device)
     v = torch.randn(B, H, t_out, D, device=device)
     with force_gpu_configs() if gpu else torch.no_grad():
         out = mk.fused_attention_output(attn, v, bad, t_out, None, None, mode=3)
-    ok = (bad < t_out)
+    ok = (bad >= 0) & (bad < t_out)
     safe = torch.where(ok, bad, 0)
     per_query = (attn.double() * ok[:, None, None, :]) @ v.double().gather(2, safe[:, None, :, None].expand(B, H, T, D))
     onehot = ((safe[:, :, None] == torch.arange(t_out, device=device)) & ok[:, :, None]).double()  # (B, T, T')
@@ -223,3 +224,54 @@ def test_attention_ops_torch_compile_fullgraph(triton_backend):
     torch.testing.assert_close(loss, ref_loss)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _groups_dest(T, groups, device):
+    """dest (1, T) in token order where each (start, stop) in ``groups`` is one slot."""
+    slot, dest, t = 0, [], 0
+    starts = dict(groups)
+    while t < T:
+        stop = starts.get(t, t + 1)
+        dest += [slot] * (stop - t)
+        slot, t = slot + 1, stop
+    return torch.tensor([dest], device=device), slot
+
+
+@pytest.mark.parametrize("from_qk", (False, True), ids=("from-P", "from-qk"))
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_fused_output_nan_rows_and_zero_weights(device, triton_backend, from_qk, gpu):
+    """With the GPU tiles (64 query rows in slot order, a slot crossing the tile boundary
+    and summed in overhang steps): a slot whose weights are all 0 is the unweighted mean
+    of its members (inside a tile and across a boundary), and a NaN query row reaches only
+    its own slot's output row in its own head (not the rest of its tile through the
+    0/1 pooling dot), both as in the reference."""
+    T, D = 197, 64
+    dest, t_out = _groups_dest(T, [(10, 12), (30, 33), (60, 71), (120, 122)], device)
+    q, k = torch.randn(2, 1, H, T, D, device=device).unbind(0)
+    scale = D ** -0.5
+    attn = torch.softmax((q * scale) @ k.transpose(-1, -2), -1)
+    received = attn.mean(dim=(1, 2))
+    received[0, 10:12] = 0  # zero-weight slot inside the first tile
+    received[0, 60:71] = 0  # zero-weight slot across the tile boundary at row 64
+    size = torch.randint(1, 5, (1, T), device=device).float()
+    v = torch.randn(1, H, t_out, D, device=device)
+    nan_rows = [(0, 31), (1, 66), (2, 150)]  # (head, query): slot 29; 57 (in its overhang); 136
+    for h, t in nan_rows:
+        (q if from_qk else attn)[0, h, t] = float("nan")
+    with force_gpu_configs() if gpu else torch.no_grad():
+        if from_qk:
+            att = mk.fusion_attention(q, k, scale=scale)
+            out = LAUNCHERS["fused_attention_output_qk"](q, k, att.lse, None, scale, v, dest, t_out, size,
+                                                         received, mode=1)
+            ref = mk.fused_attention_output_qk_reference(q, k, None, None, scale, v, dest, t_out, size, received,
+                                                         mode=1)
+        else:
+            out = LAUNCHERS["fused_attention_output"](attn, v, dest, t_out, size, received, mode=1)
+            ref = mk.fused_attention_output_reference(attn, v, dest, t_out, size, received, mode=1)
+    expected_nan = torch.zeros(1, H, t_out, dtype=torch.bool, device=device)
+    for h, t in nan_rows:
+        expected_nan[0, h, dest[0, t]] = True
+    assert torch.equal(ref.isnan().any(-1), expected_nan)  # the defined result
+    assert torch.equal(out.isnan().all(-1), expected_nan) and torch.equal(out.isnan().any(-1), expected_nan)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5, equal_nan=True)
+    assert torch.isfinite(out[0, 0, dest[0, [10, 60]]]).all()  # the zero-weight slots, where no NaN is

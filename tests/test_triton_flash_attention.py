@@ -303,7 +303,7 @@ def test_output_layout_is_what_proj_reads(device, triton_backend):
 
 @pytest.mark.parametrize("gpu", (False, True))
 def test_out_of_range_dest_reads_and_writes_nothing_outside(device, triton_backend, gpu):
-    """Slots outside [0, T') (here T' and 10**6): those tokens contribute nothing as keys
+    """Slots outside [0, T') (here T', 10**6, -1, -10**6): those tokens contribute nothing as keys
     or as queries, slots left without members are NaN (the reference's 0/0); nothing is
     read or written outside the tensors (a stray access would crash or show as garbage)."""
     B, H, T, D = 2, 2, 197, 64
@@ -311,6 +311,7 @@ def test_out_of_range_dest_reads_and_writes_nothing_outside(device, triton_backe
     dest, t_out = make_dest("bi-1", B, T, device)
     bad = dest.clone()
     bad[0, 5], bad[0, 100], bad[1, 196], bad[1, 0] = t_out, 10 ** 6, t_out, 10 ** 6
+    bad[0, 0], bad[0, 64], bad[1, 130] = -1, -10 ** 6, -1
     v = torch.randn(B, H, t_out, D, device=device)
     size = torch.randint(1, 5, (B, T), device=device).float()
     att = mk.fusion_attention(q, k, scale=D ** -0.5, log_size=ls)

@@ -366,3 +366,25 @@ def test_merge_grad_gpu_configs(device, triton_backend, mode):
     g = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0],
                                atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_merge_garbage_slot_index_stays_in_bounds(device, triton_backend, gpu):
+    """A precomputed slot index is not checked (a host sync): the kernel clamps what it
+    reads. Members past the tokens clamp to the last (first) token, so every slot then
+    pools that one row; bounds past T clamp to T. Nothing is read outside the tensors."""
+    B, T, C = 2, 197, 64
+    dest, t_out = make_dest("bi-1", B, T, device)
+    x, size, attn, source = inputs(B, T, C, torch.float32, device, True, True)
+    slots = mk.slot_index(dest, t_out)
+    order = torch.stack([torch.full((T,), 10 ** 6), torch.full((T,), -10 ** 6)]).to(device)
+    with force_gpu_configs() if gpu else contextlib.nullcontext():
+        out, new_size, new_source = mk.merge(x, dest, t_out, size, attn, mode=3, source=source,
+                                             slots=(order, slots.starts))
+        count = (slots.starts[:, 1:] - slots.starts[:, :-1]).float()
+        torch.testing.assert_close(out, torch.stack([x[0, T - 1], x[1, 0]])[:, None].expand(B, t_out, C))
+        torch.testing.assert_close(new_size, count * torch.stack([size[0, T - 1], size[1, 0]])[:, None])
+        assert torch.equal(new_source, torch.stack([source[0, T - 1], source[1, 0]])[:, None].expand_as(new_source))
+        starts = torch.randint(-10 ** 6, 10 ** 6, (B, t_out + 1), device=device)
+        out, new_size, _ = mk.merge(x, dest, t_out, size, attn, mode=1, slots=(slots.order, starts))
+    assert out.shape == (B, t_out, C) and torch.isfinite(new_size).all() and (new_size >= 0).all()

@@ -13,6 +13,8 @@ import triton.language as tl
 
 from ._flash_attention_kernel import key_bias, keys_t, logits_tile, scaled_queries
 
+EPS = tl.constexpr(1e-12)  # floor of the mode-1 size normaliser, as mctf_kernels.merge.EPS
+
 
 @triton.jit
 def _attention_received_kernel(
@@ -173,11 +175,12 @@ def _fused_attention_output_kernel(
     smax = 1.0
     if MODE == 1:
         if HAS_SIZE:  # max size of the row (each program rescans it: T loads, no extra launch)
-            mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
+            mx = tl.full([BLOCK_T], EPS, tl.float32)  # floored: all-zero sizes do not give 0/0
             for t0 in range(0, T, BLOCK_T):
                 offs_t = t0 + tl.arange(0, BLOCK_T)
-                sz = tl.load(size_ptr + b * stride_sb + offs_t * stride_st, mask=offs_t < T, other=float("-inf"))
-                mx = tl.maximum(mx, sz.to(tl.float32))
+                sz = tl.load(size_ptr + b * stride_sb + offs_t * stride_st, mask=offs_t < T, other=EPS)
+                sz = sz.to(tl.float32)
+                mx = tl.where(sz > mx, sz, mx)  # skips NaN: one bad size stays in its own slot
             smax = tl.max(mx, axis=0)
 
     # The member range: past the tile only when the tile's last row is in a slot owned here.
@@ -191,8 +194,9 @@ def _fused_attention_output_kernel(
 
     offs_j = tl.arange(0, BLOCK_M)  # owned slot (local index); also the row in a step
 
-    # Pass 1 (indices and weights only): each owned slot's id and weight sum.
+    # Pass 1 (indices and weights only): each owned slot's id, weight sum and member count.
     den = tl.zeros([BLOCK_M], ACC_DTYPE)
+    cnt = tl.zeros([BLOCK_M], tl.int32)
     slot_of = tl.full([BLOCK_M], -1, tl.int32)
     n_owned = 0
     for m0 in range(row0, m_end, BLOCK_M):
@@ -203,6 +207,7 @@ def _fused_attention_output_kernel(
         w = _pool_weights(tok, owned, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
                           MODE, HAS_SIZE)
         den += tl.sum(tl.where(sel, w.to(ACC_DTYPE)[None, :], 0.0), axis=1)
+        cnt += tl.sum(sel.to(tl.int32), axis=1)
         slot_of = tl.maximum(slot_of, tl.max(tl.where(sel, slot[None, :], -1), axis=1))
         n_owned += tl.sum(first.to(tl.int32), axis=0)
     last = n_owned - 1
@@ -222,19 +227,32 @@ def _fused_attention_output_kernel(
     owned = valid & (local >= 0)
     w = _pool_weights(tok, owned, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt, smax,
                       MODE, HAS_SIZE)
-    den_m = tl.sum(tl.where(local[None, :] == offs_j[:, None], den[:, None], 0.0), axis=0)
-    # A slot whose weights sum to 0 gets NaN below (as the reference's 0/0); its rows
-    # contribute 0 here so no NaN reaches the other slots through the dot.
-    wn = tl.where(owned & (den_m > 0), w.to(ACC_DTYPE) / tl.where(den_m > 0, den_m, 1.0), 0.0)
+    # A slot whose weights sum to exactly 0 is its members' unweighted mean: weight 1 each,
+    # over its member count (a zero-weight owned slot has >= 1 member: no 0/0).
+    unweighted = den == 0
+    den_eff = tl.where(unweighted, cnt.to(ACC_DTYPE), den)
+    of_row = local[None, :] == offs_j[:, None]
+    den_m = tl.sum(tl.where(of_row, den_eff[:, None], 0.0), axis=0)
+    unw_m = tl.max(tl.where(of_row, unweighted.to(tl.int32)[:, None], 0), axis=0) > 0
+    w = tl.where(unw_m, 1.0, w.to(ACC_DTYPE))
+    wn = tl.where(owned, w / tl.where(owned, den_m, 1.0), 0.0)
     o = _rows_times_values(tok, wn, owned, b, h, p_row, stride_aq, stride_ak,
                            q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
                            lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
                            v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D, D_QK,
                            FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
-    sel = ((local[None, :] == offs_j[:, None]) & owned[None, :]).to(v_dtype)
-    pooled = tl.dot(sel, o.to(v_dtype), input_precision=PV_PRECISION, out_dtype=ACC_DTYPE)
-    out = tl.where((den > 0)[:, None], pooled, float("nan"))  # all-zero weights: 0/0, as the reference
+    # NaN/inf rows (a NaN in P, q, or a weight; or a row overflowing V's dtype) are zeroed
+    # before the 0/1 dot, where 0 * NaN would reach every slot of the tile, and their
+    # slots are flagged instead: a NaN reaches only its own slot's row, as in the reference.
+    o_v = o.to(v_dtype)
+    o_f = o_v.to(ACC_DTYPE)
+    bad = tl.max(tl.where(o_f - o_f == 0, 0, 1), axis=1)  # x - x is NaN for NaN and +-inf
+    o_v = tl.where(bad[:, None] > 0, 0.0, o_v).to(v_dtype)
+    sel = of_row & owned[None, :]
+    pooled = tl.dot(sel.to(v_dtype), o_v, input_precision=PV_PRECISION, out_dtype=ACC_DTYPE)
+    slot_bad = tl.max(tl.where(sel, bad[None, :], 0), axis=1) > 0
+    out = tl.where(slot_bad[:, None], float("nan"), pooled)
     dst = out_ptr + b * stride_ob + h * stride_oh + slot_of[:, None] * stride_ot + offs_d[None, :]
     keep = has_slot & ((offs_j != last) | (m_end <= tile_end))  # an overhanging last slot: stored below
     tl.store(dst, out.to(out_dtype), mask=keep[:, None] & mask_d[None, :])
@@ -242,15 +260,15 @@ def _fused_attention_output_kernel(
 
     # Overhang: the last owned slot's members past the tile, all in that one slot.
     if overhang:
-        den_last = tl.sum(tl.where(offs_j == last, den, 0.0), axis=0)
-        row = tl.sum(tl.where((offs_j == last)[:, None], pooled, 0.0), axis=0)
+        den_last = tl.sum(tl.where(offs_j == last, den_eff, 0.0), axis=0)
+        unw_last = tl.max(tl.where(offs_j == last, unweighted.to(tl.int32), 0), axis=0) > 0
+        row = tl.sum(tl.where((offs_j == last)[:, None], out, 0.0), axis=0)
         for m0 in range(tile_end, m_end, BLOCK_M):
             tok, slot, valid, first = _slot_rows(m0 + offs_j, m_end, order_row, d_row, stride_dt, starts_row,
                                                  T, T_out)
             w = _pool_weights(tok, valid, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt,
                               smax, MODE, HAS_SIZE)
-            # den_last = 0 means every weight of the slot is 0: wn = 0 then.
-            wn = w.to(ACC_DTYPE) / tl.where(den_last > 0, den_last, 1.0)
+            wn = tl.where(unw_last, 1.0, w.to(ACC_DTYPE)) / den_last
             o = _rows_times_values(tok, wn, valid, b, h, p_row, stride_aq, stride_ak,
                                    q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
                                    lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
@@ -258,7 +276,6 @@ def _fused_attention_output_kernel(
                                    FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
                                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
             row += tl.sum(o.to(v_dtype).to(ACC_DTYPE), axis=0)  # rounded as the tile's rows
-        row = tl.where(den_last > 0, row, float("nan"))
         slot_l = tl.max(tl.where(offs_j == last, slot_of, -1), axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + slot_l * stride_ot + offs_d, row.to(out_dtype),
                  mask=mask_d & (slot_l >= 0))

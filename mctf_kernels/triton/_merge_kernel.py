@@ -11,6 +11,8 @@ in the same launch.
 import triton
 import triton.language as tl
 
+EPS = tl.constexpr(1e-12)  # floor of the mode-1 size normaliser, as mctf_kernels.merge.EPS
+
 
 @triton.jit
 def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
@@ -64,8 +66,10 @@ def _merge_kernel(
     offs_s = (pid % n_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < T_out
     bounds = starts_ptr + b * (T_out + 1) + offs_s
-    start = tl.load(bounds, mask=mask_s, other=0)
-    count = tl.load(bounds + 1, mask=mask_s, other=0) - start
+    # Clamped: a caller's precomputed slot index (``slots=``) is not checked (a host sync),
+    # so wrong values give wrong numbers but never a read outside order, x, size, source.
+    start = tl.minimum(tl.maximum(tl.load(bounds, mask=mask_s, other=0), 0), T)
+    count = tl.minimum(tl.maximum(tl.load(bounds + 1, mask=mask_s, other=0), start), T) - start
     steps = tl.max(count, axis=0)  # members of the block's largest slot
     members = order_ptr + b * T + start
     size_row = size_ptr + b * stride_sb
@@ -73,11 +77,12 @@ def _merge_kernel(
 
     smax = 1.0
     if MODE == 1 and HAS_SIZE:  # the row's largest size (pooling_weights' max), folded in
-        run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        run = tl.full([BLOCK_T], EPS, tl.float32)  # floored: all-zero sizes do not give 0/0
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            sv = tl.load(size_row + offs_t * stride_st, mask=offs_t < T, other=float("-inf")).to(tl.float32)
-            run = tl.maximum(run, sv, propagate_nan=tl.PropagateNan.ALL)
+            sv = tl.load(size_row + offs_t * stride_st, mask=offs_t < T, other=EPS).to(tl.float32)
+            # NaN is skipped (it would take every weight of the row to NaN, not just its slot's)
+            run = tl.where(sv > run, sv, run)
         smax = tl.max(run, axis=0)
 
     # Per-slot sums of sizes and pooling weights (same expressions as pooling_weights).
@@ -85,10 +90,18 @@ def _merge_kernel(
     w_sum = tl.zeros([BLOCK_S], tl.float32)
     for k in range(0, steps):
         valid = k < count
-        t = tl.load(members + k, mask=valid, other=0)
+        t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
         s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
         s_sum += s
         w_sum += w
+
+    # A slot whose weights sum to exactly 0 is its members' unweighted mean (weight 1 each).
+    unweighted = w_sum == 0
+    den = tl.where(unweighted, count.to(tl.float32), w_sum)
+    # w * keep + unw: exactly w, or 1 (the weights of a slot summing to 0 are finite);
+    # arithmetic, not a select in the loop below, where a select costs a register spill
+    unw = unweighted.to(tl.float32)
+    keep = 1.0 - unw
 
     x_row = x_ptr + b * stride_xb + h * stride_xh
     out_row = out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot
@@ -101,7 +114,7 @@ def _merge_kernel(
             acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
         for k in range(0, steps):
             valid = k < count
-            t = tl.load(members + k, mask=valid, other=0)
+            t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
             xv = tl.load(x_row + t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
                          mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
             if MODE == 2:
@@ -109,12 +122,13 @@ def _merge_kernel(
                 acc = tl.where(valid[:, None], tl.maximum(acc, xv, propagate_nan=tl.PropagateNan.ALL), acc)
             else:
                 _s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
+                w = w * keep + unw  # xv is 0 where not valid
                 acc += xv * w[:, None]
         if MODE == 2:
             acc = tl.where(count[:, None] > 0, acc, float("nan"))  # an empty slot: NaN, like the reference
         else:
             # an empty slot gives 0/0 = NaN, like the reference (padding rows divide by 1)
-            acc = acc / tl.where(mask_s, w_sum, 1.0)[:, None]
+            acc = acc / tl.where(mask_s, den, 1.0)[:, None]
         tl.store(out_row + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_c[None, :])
 
     # Per-slot results depend on b only: the programs of head 0, first channel split.
@@ -131,7 +145,7 @@ def _merge_kernel(
                 src = tl.full([BLOCK_S, BLOCK_N], float("-inf"), tl.float32)
                 for k in range(0, steps):
                     valid = k < count
-                    t = tl.load(members + k, mask=valid, other=0)
+                    t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
                     sv = tl.load(src_row + t[:, None] * stride_nt + offs_n[None, :] * stride_nn,
                                  mask=valid[:, None] & mask_n[None, :], other=float("-inf")).to(tl.float32)
                     src = tl.where(valid[:, None], tl.maximum(src, sv, propagate_nan=tl.PropagateNan.ALL), src)

@@ -163,18 +163,27 @@ def fused_attention_output_backward(
     With G_q = grad[dest q] * w_q / W[dest q] (the row merge's adjoint):
     dP = G @ V'^T gathered on the key axis by dest; dV' = M @ (P^T @ G) with the
     one-hot slot matrix M (T', T): a matmul instead of a float scatter_add, so the
-    backward is deterministic too.
+    backward is deterministic too. A slot whose weights sum to 0 (``den`` == 0, the
+    kernel's sums) has w_q = 1 and W = its member count, as in the forward. Queries and
+    keys whose slot is outside [0, T') are in no slot: they get and give no gradient.
     """
     B, H, T, _ = attn.shape
     t_out, D = v.shape[-2], v.shape[-1]
     dest = dest.long()
+    in_slot = (dest >= 0) & (dest < t_out)
+    index = torch.where(in_slot, dest, 0)  # gathers stay inside their tensors; masked below
     if size is None:
         size = torch.ones(B, T, device=dest.device, dtype=torch.float32)
     w = pooling_weights(mode, size, attn_received)
-    g = grad_out.float() / den[:, None, :, None]
-    g = g.gather(2, dest[:, None, :, None].expand(B, H, T, D)) * w[:, None, :, None]
+    unweighted = den == 0
+    count = torch.zeros_like(den).scatter_add(1, index, in_slot.float())
+    w = torch.where(unweighted.gather(1, index), 1.0, w)
+    w = torch.where(in_slot, w, 0.0)
+    g = grad_out.float() / torch.where(unweighted, count, den)[:, None, :, None]
+    g = g.gather(2, index[:, None, :, None].expand(B, H, T, D)) * w[:, None, :, None]
     p = attn.to(v.dtype).float()
-    grad_attn = (g @ v.float().transpose(-1, -2)).gather(3, dest[:, None, None, :].expand(B, H, T, T))
+    grad_attn = (g @ v.float().transpose(-1, -2)).gather(3, index[:, None, None, :].expand(B, H, T, T))
+    grad_attn = torch.where(in_slot[:, None, None, :], grad_attn, 0.0)
     onehot = (dest[:, None, :] == torch.arange(t_out, device=dest.device)[None, :, None]).float()
     grad_v = onehot[:, None] @ (p.transpose(-1, -2) @ g)
     return grad_attn.to(attn.dtype), grad_v.to(v.dtype)

@@ -115,24 +115,34 @@ def merge_backward(
 ) -> torch.Tensor:
     """d x' / d x for x (B, [H,] T, C): the gathers of the reference's scatters.
 
-    Weighted: grad_x[t] = (grad[dest t] / W[dest t]) * w_t. Max: like torch's
-    scatter_reduce amax gradient, the slot's gradient is split evenly among the
-    members equal to the maximum. Weights carry no gradient (as in the reference).
+    Weighted: grad_x[t] = (grad[dest t] / W[dest t]) * w_t, where a slot whose weights
+    sum to 0 (``den`` == 0, the kernel's own sums) has w_t = 1 and W = its member count.
+    Max: like torch's scatter_reduce amax gradient, the slot's gradient is split evenly
+    among the members equal to the maximum. Weights carry no gradient (as in the
+    reference). Tokens whose slot is outside [0, T') are in no slot: gradient 0.
     """
     B, T = dest.shape
+    t_out = grad_out.shape[-2]
     lead = [1] * (grad_out.dim() - 3)
     C = grad_out.shape[-1]
-    index = dest.long().view(B, *lead, T, 1).expand(*grad_out.shape[:-2], T, C)
+    dest = dest.long()
+    in_slot = (dest >= 0) & (dest < t_out)
+    dest = torch.where(in_slot, dest, 0)  # gathers stay inside grad_out; masked below
+    index = dest.view(B, *lead, T, 1).expand(*grad_out.shape[:-2], T, C)
+    keep = in_slot.view(B, *lead, T, 1)
     if mode == 2:
         g = grad_out.to(x.dtype)
-        is_max = x == out.gather(-2, index)
+        is_max = (x == out.gather(-2, index)) & keep
         ties = torch.zeros_like(g).scatter_add(-2, index, is_max.to(g.dtype))
         return (is_max * (g / ties).gather(-2, index)).to(x_dtype)
     if size is None:
         size = torch.ones(B, T, device=dest.device, dtype=torch.float32)
-    w = pooling_weights(mode, size, attn_received).view(B, *lead, T, 1)
-    g = grad_out.float() / den.view(B, *lead, -1, 1)
-    return (g.gather(-2, index) * w).to(x_dtype)
+    w = pooling_weights(mode, size, attn_received)
+    unweighted = den == 0
+    count = torch.zeros_like(den).scatter_add(1, dest, in_slot.float())
+    w = torch.where(unweighted.gather(1, dest), 1.0, w)
+    g = grad_out.float() / torch.where(unweighted, count, den).view(B, *lead, -1, 1)
+    return torch.where(keep, g.gather(-2, index) * w.view(B, *lead, T, 1), 0.0).to(x_dtype)
 
 
 # ---------------------------------------------------------------- op + autograd
