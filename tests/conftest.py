@@ -40,7 +40,7 @@ def _fresh_seed():
 SLOW_MODULES = {
     "test_triton_match.py", "test_triton_merge.py", "test_triton_attention.py",
     "test_triton_flash_attention.py", "test_kernels_compile_sm90.py", "test_model_backends.py",
-    "test_training.py",
+    "test_training.py", "test_sm90_structure.py", "test_fused_layer_launches.py",
 }
 QUICK_GOLDEN = "test_reference_backend_matches_public_code[preset]"
 

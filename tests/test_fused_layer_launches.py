@@ -59,7 +59,6 @@ def test_fused_layer_kernel_budget(label):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches on CPU")
-@pytest.mark.xfail(strict=True, reason="the attention output takes the shared slot index on the attention branch")
 def test_one_slot_index_per_fused_layer():
     for blk in _count("fp16 model")[1:]:
         assert blk.count("triton._slot_index_kernel") == 1

@@ -25,6 +25,8 @@ PATHS = {
     "vit_l16_384-fp16": ("vit_large_patch16_384", 2, "fp16", {"img_size": 384}),
 }
 MAX_KERNELS_PER_FUSED_LAYER = 14  # Triton launches + kernel-launching torch ops (a plain timm block: 11)
+# What the kernels reach today (the target above is still missed): a regression ceiling.
+KERNELS_PER_FUSED_LAYER_NOW = {"deit_s-fp16": 18, "deit_s-autocast": 21}
 
 
 def _xfail(reason):
@@ -37,16 +39,18 @@ EXPECTATIONS = [
     ("deit_s-autocast", "captured", ()),
     ("vit_l16_384-fp16", "captured", ()),
     ("deit_s-fp16", "no_host_sync", ()),
-    ("deit_s-fp16", "no_spills", _xfail("v1 match: _row_max/_col_max spill (32 bytes)")),
-    ("deit_s-autocast", "no_spills", _xfail("v1 match: _row_max/_col_max spill (32 bytes)")),
-    ("vit_l16_384-fp16", "no_spills", _xfail("v1 match: _row_max/_col_max spill (32 bytes)")),
-    ("deit_s-fp16", "kernels_per_fused_layer", _xfail("v1: 32 GPU kernels per fused layer")),
-    ("deit_s-autocast", "kernels_per_fused_layer", _xfail("v1: 45 GPU kernels per fused layer")),
-    ("deit_s-fp16", "mma_in_dot_kernels", _xfail("v1 match: fp32 IEEE similarity dot, no MMA")),
-    ("deit_s-autocast", "mma_in_dot_kernels", _xfail("v1 match: fp32 IEEE similarity dot, no MMA")),
-    ("vit_l16_384-fp16", "mma_in_dot_kernels", _xfail("v1 match: fp32 IEEE similarity dot, no MMA")),
-    ("deit_s-fp16", "mma_in_match", _xfail("v1 match: fp32 IEEE similarity dot, no MMA")),
-    ("deit_s-autocast", "mma_in_match", _xfail("v1 match: fp32 IEEE similarity dot, no MMA")),
+    ("deit_s-fp16", "no_spills", ()),
+    ("deit_s-autocast", "no_spills", ()),
+    ("vit_l16_384-fp16", "no_spills", ()),
+    ("deit_s-fp16", "kernels_per_fused_layer", _xfail("18 GPU kernels per fused layer (v1: 32)")),
+    ("deit_s-autocast", "kernels_per_fused_layer", _xfail("21 GPU kernels per fused layer (v1: 45)")),
+    ("deit_s-fp16", "kernels_per_fused_layer_now", ()),
+    ("deit_s-autocast", "kernels_per_fused_layer_now", ()),
+    ("deit_s-fp16", "mma_in_dot_kernels", ()),
+    ("deit_s-autocast", "mma_in_dot_kernels", ()),
+    ("vit_l16_384-fp16", "mma_in_dot_kernels", ()),
+    ("deit_s-fp16", "mma_in_match", ()),
+    ("deit_s-autocast", "mma_in_match", ()),
     ("deit_s-fp16", "mma_in_attention", ()),
     ("deit_s-autocast", "mma_in_attention", ()),
 ]
@@ -87,11 +91,19 @@ def check_no_spills(r):
     assert not spills, f"register spills (bytes): {spills}"
 
 
-def check_kernels_per_fused_layer(r):
+def _check_kernels_per_fused_layer(r, limit):
     worst = max((b for b in r["blocks"] if b["fused"]), key=lambda b: b["kernels"])
-    assert worst["kernels"] <= MAX_KERNELS_PER_FUSED_LAYER, (
+    assert worst["kernels"] <= limit, (
         f"block {worst['block']}: {worst['triton']} Triton + {worst['torch']} torch kernels; "
         f"torch ops {worst['torch_ops']}")
+
+
+def check_kernels_per_fused_layer(r):
+    _check_kernels_per_fused_layer(r, MAX_KERNELS_PER_FUSED_LAYER)
+
+
+def check_kernels_per_fused_layer_now(r):
+    _check_kernels_per_fused_layer(r, KERNELS_PER_FUSED_LAYER_NOW[r["path"]])
 
 
 def check_mma_in_dot_kernels(r):
@@ -119,7 +131,7 @@ def check_mma_in_attention(r):
     [pytest.param(p, c, marks=m, id=f"{p}-{c}") for p, c, m in EXPECTATIONS],
 )
 def test_sm90_structure(reports, path, check):
-    globals()[f"check_{check}"](reports[path])
+    globals()[f"check_{check}"](dict(reports[path], path=path))
 
 
 # ---- the report's own arithmetic (pure functions, no compiler needed)
