@@ -105,13 +105,16 @@ def _attention_lse_received_kernel(
                 recv_row = part_ptr + b * T + offs_k
                 lse, colsum = _one_tile_block(qs, kt, bias, mask_m, QK_PRECISION)
                 # The running sum lives in received itself, not in registers (a register
-                # accumulator across the loop doubles the registers: 1 CTA/SM). Each
-                # element is stored and reloaded by the same threads (one layout).
+                # accumulator across the loop doubles the registers: 1 CTA/SM). The load
+                # and the store may map an element to different threads: the barrier makes
+                # the previous step's stores visible to the whole CTA first.
                 if h + m0 > 0:
+                    tl.debug_barrier()
                     colsum += tl.load(recv_row, mask=mask_k, other=0.0)
                 tl.store(recv_row, colsum, mask=mask_k)
                 tl.store(lse_ptr + (b * H + h) * T + offs_m, lse, mask=mask_m)
         recv_row = part_ptr + b * T + offs_k
+        tl.debug_barrier()
         tl.store(recv_row, tl.load(recv_row, mask=mask_k, other=0.0) * inv_norm, mask=mask_k)
     else:
         bh = tl.program_id(0).to(tl.int64)
