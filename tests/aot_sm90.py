@@ -37,7 +37,7 @@ INT32_POINTERS = {"node_idx_ptr", "rank_a_ptr", "node_idx2_ptr", "aux_ptr"}
 INT64_POINTERS = {"dest_ptr", "order_ptr", "starts_ptr"}
 
 
-def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4, num_stages=None):
+def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4, num_stages=None, maxnreg=None):
     """Kernel arguments by the kernels' naming convention: ``*_ptr`` pointers (the
     ``data_pointers`` in ``dtype``), the temperatures/scale fp32, every other scalar i32."""
     signature = {}
@@ -52,6 +52,8 @@ def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4, 
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     compiled = triton.compile(src, target=TARGET, options=options)
     assert compiled.asm["cubin"], fn.__name__
 
@@ -118,11 +120,17 @@ def main() -> int:
         compile_kernel(AK._attention_received_kernel, dict(BLOCK_Q=32, BLOCK_K=64), dtype, ("attn_ptr",))
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for T, precision, has_log in itertools.product((197, 577), precisions, (False, True)):
-            cfg = configs.attention_received_qk_config(T, D, True, dtype == "fp32")
-            consts = dict(HAS_LOG_SIZE=has_log, QK_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
-                          BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"])
-            compile_kernel(FK._attention_lse_received_kernel, consts, dtype, ("q_ptr", "k_ptr"), cfg["num_warps"])
-            count += 1
+            # a small batch (per-query-block partials) and one that fills the GPU (one program per image)
+            for batch in (1, 256):
+                cfg = configs.attention_received_qk_config(T, D, True, dtype == "fp32", batch=batch)
+                if batch > 1 and not cfg["PER_IMAGE"]:
+                    continue
+                consts = dict(HAS_LOG_SIZE=has_log, QK_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
+                              BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"],
+                              PER_IMAGE=cfg["PER_IMAGE"])
+                compile_kernel(FK._attention_lse_received_kernel, consts, dtype, ("q_ptr", "k_ptr"),
+                               cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
+                count += 1
         # the model's path (from q, k; attention-and-size pooling) everywhere, every option once
         options = [(True, 1, True)] + ([o for o in itertools.product((False, True), (0, 1, 3), (False, True))
                                         if o != (True, 1, True)] if (dtype, D) == ("fp16", 64) else [])
@@ -133,7 +141,7 @@ def main() -> int:
                           **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_T")})
             compile_kernel(AK._fused_attention_output_kernel, consts, dtype,
                            ("q_ptr", "k_ptr", "v_ptr", "out_ptr") + (() if from_qk else ("attn_ptr",)),
-                           cfg["num_warps"])
+                           cfg["num_warps"], maxnreg=cfg["maxnreg"])
             count += 1
         count += 1
     print(f"compiled {count} kernel variants for sm_90 in {time.time() - start:.0f} s")

@@ -350,13 +350,17 @@ def test_garbage_slot_index_stays_in_bounds(device, triton_backend):
                                                slots=(order, starts[:, 1:]))
 
 
-def test_one_fused_layer_launches(device, triton_backend, monkeypatch):
+@pytest.mark.parametrize("fills_gpu", (False, True))
+def test_one_fused_layer_launches(device, triton_backend, monkeypatch, fills_gpu):
     """Per fused layer the attention costs two Triton launches (lse + received; P' @ V')
-    and one torch kernel (the fixed-order sum of the received partials) when the slot
-    index is shared: q.k^T is computed twice (T <= 256)."""
+    when the slot index is shared: q.k^T is computed twice (T <= 256). A batch that fills
+    the GPU (GPU configs) gets received from one program per image and launches nothing
+    else; a smaller one adds one torch kernel, the fixed-order sum of the partials."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mctf_kernels.triton import _attention_kernel, _flash_attention_kernel, flash_attention
+    from mctf_kernels.triton import _attention_kernel, _flash_attention_kernel, configs, flash_attention
+
+    monkeypatch.setattr(configs, "sm_count", lambda _device: 1 if fills_gpu else 1 << 20)
 
     launches = []
     for module, name in ((_flash_attention_kernel, "_attention_lse_received_kernel"),
@@ -385,11 +389,41 @@ def test_one_fused_layer_launches(device, triton_backend, monkeypatch):
     v = torch.randn(B, H, t_out, D, device=device, dtype=torch.float16)
     size = torch.randint(1, 5, (B, T), device=device).float()
     # the ops' bodies (a dispatch mode sees a custom op whole, not the torch ops inside)
-    with CountOps() as counter:
+    with CountOps() as counter, force_gpu_configs():
         received, lse = flash_attention._fusion_attention_impl(q, k, ls, D ** -0.5)
         flash_attention._fused_qk_impl(q, k, lse, ls, D ** -0.5, v, dest, t_out, size, received, 1, *slots)
     assert launches == ["_attention_lse_received_kernel", "_fused_attention_output_kernel"]
-    assert counter.ops == ["sum"], counter.ops
+    assert counter.ops == ([] if fills_gpu else ["sum"]), counter.ops
+
+
+def test_received_one_program_per_image(device, triton_backend, monkeypatch):
+    """One program per image walks heads and query blocks in a fixed order and writes
+    received itself (no sum launch): on CUDA the GPU configs with a batch that fills the
+    GPU (half precision), on CPU the interpreter's configs (its fp32 GPU configs use
+    partials). Same lse and received (to summation order) as the per-query-block
+    partials, the float64 truth, and the same bits every run."""
+    from mctf_kernels.triton import configs
+
+    B, H, T, D = 3, 3, 197, 64
+    dtype = torch.float16 if ON_CUDA else torch.float32
+    q, k, ls = make_qk(B, H, T, D, dtype, device, True)
+    scale = D ** -0.5
+    with force_gpu_configs():
+        monkeypatch.setattr(configs, "sm_count", lambda _device: 1 << 20)
+        assert not configs.attention_received_qk_config(T, D, True, dtype == torch.float32, B, 1 << 20)["PER_IMAGE"]
+        parts = mk.fusion_attention(q, k, scale=scale, log_size=ls)
+    monkeypatch.setattr(configs, "sm_count", lambda _device: B)
+    assert configs.attention_received_qk_config(T, D, ON_CUDA, dtype == torch.float32, B, B)["PER_IMAGE"]
+    one = mk.fusion_attention(q, k, scale=scale, log_size=ls)
+    again = mk.fusion_attention(q, k, scale=scale, log_size=ls)
+    assert torch.equal(again.lse, one.lse) and torch.equal(again.received, one.received)
+    torch.testing.assert_close(one.lse, parts.lse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(one.received, parts.received, atol=1e-9, rtol=1e-6)
+    logits = truth_logits(q, k, scale, ls)
+    lse = logits.logsumexp(dim=-1)
+    torch.testing.assert_close(one.lse.double(), lse, atol=2e-5, rtol=2e-6)
+    torch.testing.assert_close(one.received.double(), (logits - lse[..., None]).exp().mean(dim=(1, 2)),
+                               atol=1e-9, rtol=2e-5)
 
 
 @pytest.mark.skipif(not ON_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -2,12 +2,14 @@
 flash-style: the (B, H, T, T) probabilities are computed tile by tile from q and k
 and never written to memory.
 
-``_attention_lse_received_kernel``, one launch: per (batch, head, 64-query block),
-each query's log-sum-exp and the column sums of P = exp(s - lse) over the block's
-queries (per-block partials; the launcher sums them in a fixed order, so ``received``
-is bit-identical run to run without float atomics). For T <= 256 (every 224 px
-model) the block's whole key row is one on-chip tile: q.k^T is computed once. Longer
-rows take two loops over key tiles in the same kernel (online max / sum, then P).
+``_attention_lse_received_kernel``, one launch: each query's log-sum-exp and the
+column sums of P = exp(s - lse). For T <= 256 (every 224 px model) a 64-query
+block's whole key row is one on-chip tile: q.k^T is computed once; longer rows take
+two loops over key tiles (online max / sum, then P). ``received`` is bit-identical
+run to run without float atomics: either one program per image walks its heads and
+query blocks in a fixed order and writes ``received`` itself (``PER_IMAGE``: one
+launch, used when the batch alone fills the GPU), or one program per (batch, head,
+query block) writes partial column sums that the launcher adds in a fixed order.
 
 The helpers ``scaled_queries``, ``keys_t``, ``key_bias`` and ``logits_tile`` are shared
 with ``_fused_attention_output_kernel`` (FROM_QK), so both kernels compute the same
@@ -49,12 +51,26 @@ def logits_tile(qs, kt, bias, QK_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _one_tile_block(qs, kt, bias, mask_m, QK_PRECISION: tl.constexpr):
+    """One query block against the whole key row: each query's lse and the column sums
+    of P over the block's queries (padding query rows, past T, hold finite logits and
+    are zeroed)."""
+    s = logits_tile(qs, kt, bias, QK_PRECISION)
+    m_i = tl.max(s, axis=1)
+    e = tl.exp(s - m_i[:, None])
+    l_i = tl.sum(e, axis=1)
+    p = tl.where(mask_m[:, None], e * (1.0 / l_i)[:, None], 0.0)
+    return m_i + tl.log(l_i), tl.sum(p, axis=0)
+
+
+@triton.jit
 def _attention_lse_received_kernel(
     q_ptr, stride_qb, stride_qh, stride_qt, stride_qd,
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
     logs_ptr, stride_lb, stride_lt,  # log_size (B, T), HAS_LOG_SIZE only
     lse_ptr,  # (B, H, T) float32, contiguous
-    part_ptr,  # (B, H, n_query_blocks, T) float32, contiguous: column sums of P * inv_norm
+    part_ptr,  # (B, H, n_query_blocks, T) float32, contiguous: column sums of P * inv_norm;
+    # PER_IMAGE: received (B, T) float32, contiguous
     scale,
     inv_norm,  # 1 / (H * T): received is the mean over heads and queries
     H, T, D,
@@ -64,54 +80,85 @@ def _attention_lse_received_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile (>= T when ONE_TILE)
     BLOCK_D: tl.constexpr,
     ONE_TILE: tl.constexpr,  # the whole key row in one tile: q.k^T once
+    PER_IMAGE: tl.constexpr,  # ONE_TILE only: one program per image writes received itself
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    mb = tl.program_id(1).to(tl.int64)
-    n_mb = tl.num_programs(1)
-    b = bh // H
-    h = bh % H
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < T
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    k_row = k_ptr + b * stride_kb + h * stride_kh
-    logs_row = logs_ptr + b * stride_lb
-    part_row = part_ptr + (bh * n_mb + mb) * T
-    qs = scaled_queries(q_ptr + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qt, stride_qd,
-                        offs_d, mask_d, scale)
-
-    if ONE_TILE:
+    if PER_IMAGE:
+        # Heads, then query blocks, in a fixed order: received is the same sum every run.
+        # Each head's keys are loaded once for all its query blocks.
+        b = tl.program_id(0).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_N)
         mask_k = offs_k < T
-        kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
-        s = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
-        m_i = tl.max(s, axis=1)
-        e = tl.exp(s - m_i[:, None])
-        l_i = tl.sum(e, axis=1)
-        lse = m_i + tl.log(l_i)
-        # Padding query rows (past T) hold finite logits; they are zeroed here.
-        p = tl.where(mask_m[:, None], e * (1.0 / l_i)[:, None], 0.0)
-        tl.store(part_row + offs_k, tl.sum(p, axis=0) * inv_norm, mask=mask_k)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        t_end = T  # always T (m0 < T); loop-carried so the compiler rebuilds the key mask per step
+        for h in range(0, H):
+            kt = keys_t(k_ptr + b * stride_kb + h * stride_kh, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
+            q_row = q_ptr + b * stride_qb + h * stride_qh
+            for m0 in range(0, T, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < T
+                qs = scaled_queries(q_row, offs_m, mask_m, stride_qt, stride_qd, offs_d, mask_d, scale)
+                # Per-key vectors are rebuilt each step, not kept across it (their pointers
+                # and bias would hold ~100 registers through the loop: spills at 128).
+                t_end = tl.maximum(t_end, m0 + 1)
+                bias = key_bias(logs_ptr + b * stride_lb, offs_k, offs_k < t_end, stride_lt, HAS_LOG_SIZE)
+                recv_row = part_ptr + b * T + offs_k
+                lse, colsum = _one_tile_block(qs, kt, bias, mask_m, QK_PRECISION)
+                # The running sum lives in received itself, not in registers (a register
+                # accumulator across the loop doubles the registers: 1 CTA/SM). The load
+                # and the store may map an element to different threads: the barrier makes
+                # the previous step's stores visible to the whole CTA first.
+                if h + m0 > 0:
+                    tl.debug_barrier()
+                    colsum += tl.load(recv_row, mask=mask_k, other=0.0)
+                tl.store(recv_row, colsum, mask=mask_k)
+                tl.store(lse_ptr + (b * H + h) * T + offs_m, lse, mask=mask_m)
+        recv_row = part_ptr + b * T + offs_k
+        tl.debug_barrier()
+        tl.store(recv_row, tl.load(recv_row, mask=mask_k, other=0.0) * inv_norm, mask=mask_k)
     else:
-        # Loop 1, online softmax normaliser: m = running max, l = sum exp(s - m). The
-        # first key tile holds key 0, so m is finite after one step.
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, T, BLOCK_N):
-            offs_k = k0 + tl.arange(0, BLOCK_N)
+        bh = tl.program_id(0).to(tl.int64)
+        mb = tl.program_id(1).to(tl.int64)
+        n_mb = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < T
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        k_row = k_ptr + b * stride_kb + h * stride_kh
+        logs_row = logs_ptr + b * stride_lb
+        part_row = part_ptr + (bh * n_mb + mb) * T
+        qs = scaled_queries(q_ptr + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qt, stride_qd,
+                            offs_d, mask_d, scale)
+
+        if ONE_TILE:
+            offs_k = tl.arange(0, BLOCK_N)
             mask_k = offs_k < T
             kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
-            s = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-            m_i = m_new
-        lse = m_i + tl.log(l_i)
-        # Loop 2: P per key tile, summed over this block's queries.
-        for k0 in range(0, T, BLOCK_N):
-            offs_k = k0 + tl.arange(0, BLOCK_N)
-            mask_k = offs_k < T
-            kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
-            s = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
-            p = tl.where(mask_m[:, None], tl.exp(s - lse[:, None]), 0.0)
-            tl.store(part_row + offs_k, tl.sum(p, axis=0) * inv_norm, mask=mask_k)
-    tl.store(lse_ptr + bh * T + offs_m, lse, mask=mask_m)
+            lse, colsum = _one_tile_block(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), mask_m,
+                                          QK_PRECISION)
+            tl.store(part_row + offs_k, colsum * inv_norm, mask=mask_k)
+        else:
+            # Loop 1, online softmax normaliser: m = running max, l = sum exp(s - m). The
+            # first key tile holds key 0, so m is finite after one step.
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, T, BLOCK_N):
+                offs_k = k0 + tl.arange(0, BLOCK_N)
+                mask_k = offs_k < T
+                kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
+                s = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+                m_i = m_new
+            lse = m_i + tl.log(l_i)
+            # Loop 2: P per key tile, summed over this block's queries.
+            for k0 in range(0, T, BLOCK_N):
+                offs_k = k0 + tl.arange(0, BLOCK_N)
+                mask_k = offs_k < T
+                kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
+                s = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
+                p = tl.where(mask_m[:, None], tl.exp(s - lse[:, None]), 0.0)
+                tl.store(part_row + offs_k, tl.sum(p, axis=0) * inv_norm, mask=mask_k)
+        tl.store(lse_ptr + bh * T + offs_m, lse, mask=mask_m)

@@ -129,6 +129,7 @@ def launch_fused_output(
             ACC_DTYPE=tl.float64 if v.dtype == torch.float64 else tl.float32,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DK=cfg["BLOCK_DK"],
             BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+            **({} if cfg["maxnreg"] is None else dict(maxnreg=cfg["maxnreg"])),
         )
     return out, den
 

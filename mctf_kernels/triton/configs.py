@@ -127,36 +127,60 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
 ATTENTION_ONE_TILE_MAX_T = 256
 
 
-def attention_received_qk_config(T: int, D: int, gpu: bool, wide_dtype: bool = False) -> dict:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; an H100's 132 for the GPU policy forced on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def attention_received_qk_config(T: int, D: int, gpu: bool, wide_dtype: bool = False, batch: int = 1,
+                                 sms: int = 132) -> dict:
     """``_attention_lse_received_kernel``: queries per program, keys per tile, head-dim
-    block, warps, and whether the whole key row is one tile (T <= 256: q.k^T once).
-    ``wide_dtype``: float32/float64 q, k (FMA dots, operands in registers: smaller tiles)."""
+    block, warps, whether the whole key row is one tile (T <= 256: q.k^T once), and
+    whether one program per image writes ``received`` (``PER_IMAGE``: no partials, no
+    separate sum launch; taken when the batch gives every SM an image, ``batch >= sms``;
+    below that the per-(head, query block) grid keeps small batches parallel; half
+    precision with D <= 64 only), and launch
+    options ``num_stages`` / ``maxnreg`` (None: Triton's default). ``wide_dtype``:
+    float32/float64 q, k (FMA dots, operands in registers: smaller tiles)."""
     block_d = max(16, triton.next_power_of_2(D))
     if not gpu:  # interpreter: fewest, largest programs
         block_n = max(16, min(triton.next_power_of_2(T), 1024))
-        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=T <= block_n, num_warps=4)
+        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=T <= block_n, PER_IMAGE=T <= block_n,
+                    num_warps=4, num_stages=None, maxnreg=None)
     # sm_90, fp16, D = 64: one tile (64 x 256 logits) on 8 warps is 25% occupancy with
     # no spills; the two-loop form on 8 warps 50% (4 warps: 37.5%).
     if T <= ATTENTION_ONE_TILE_MAX_T and block_d <= 128:
         block_n = max(16, triton.next_power_of_2(T))
+        per_image = batch >= sms and block_d <= 64 and not wide_dtype
+        # One program per image (DeiT-S fp16): its loop, pipelined or left to ptxas, takes
+        # 160-230 registers (1 CTA/SM); one stage capped at 128 has no spills at the
+        # model's specialisations: 25%. float32 (FMA dots) spills there: partials.
         return dict(BLOCK_M=32 if wide_dtype else 64, BLOCK_N=block_n, BLOCK_D=block_d, ONE_TILE=True,
-                    num_warps=8 if block_n > 128 else 4)
+                    PER_IMAGE=per_image, num_warps=8 if block_n > 128 else 4,
+                    num_stages=1 if per_image else None, maxnreg=128 if per_image else None)
     return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 and not wide_dtype else 32, BLOCK_D=block_d,
-                ONE_TILE=False, num_warps=8)
+                ONE_TILE=False, PER_IMAGE=False, num_warps=8, num_stages=None, maxnreg=None)
 
 
 def attention_output_config(D: int, D_QK: int, gpu: bool, wide_dtype: bool = False) -> dict:
     """``_fused_attention_output_kernel``: query rows per tile (in slot order), keys per
-    step, head-dim blocks, the block of the size-max scan, warps. ``wide_dtype``: float32
+    step, head-dim blocks, the block of the size-max scan, warps, the register cap
+    (``maxnreg``, None: ptxas's choice). ``wide_dtype``: float32
     or float64 values (FMA dots: 32 x 32 tiles, 182 registers on 8 warps, no spills)."""
     block_d = max(16, triton.next_power_of_2(D))
     block_dk = max(16, triton.next_power_of_2(D_QK))
     if not gpu:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=1024, num_warps=4)
-    # 8 warps (two warpgroups): 120 registers at D = 64 on sm_90 -> 2 CTAs = 25%
-    # occupancy, no spills (4 warps: 168 registers, 18.75%).
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=1024, num_warps=4,
+                    maxnreg=None)
+    # 8 warps (two warpgroups). Left to itself ptxas takes 184 registers at D = 64 on
+    # sm_90 (the JIT's specialisation, fp16, from q and k): 1 CTA/SM = 12.5% occupancy.
+    # Capped at 128 it fits with no spills and HGMMA kept: 2 CTAs = 25% (4 warps at 128
+    # spill; 96 at 8 warps spills).
     wide = max(block_d, block_dk) > 64
     if wide_dtype:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256, num_warps=8)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256, num_warps=8,
+                    maxnreg=None)
     return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256,
-                num_warps=8)
+                num_warps=8, maxnreg=128)

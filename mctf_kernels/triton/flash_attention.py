@@ -7,8 +7,9 @@ The (B, H, T, T) attention is never written to memory. Per fused layer q.k^T is
 computed twice for T <= 256 (three times above: the received kernel then loops twice):
 
 - ``fusion_attention`` (``mctf::fusion_attention``): one launch computes each query's
-  log-sum-exp ``lse`` (B, H, T) and per-query-block column sums of P; one ``sum`` over
-  those partials, in a fixed order, gives ``received`` (deterministic, no atomics).
+  log-sum-exp ``lse`` (B, H, T) and ``received``: one program per image when the batch
+  fills the GPU (T <= 256), otherwise per-query-block column sums of P added by one
+  ``sum`` in a fixed order (deterministic either way, no atomics).
 - ``fused_attention_output_qk`` (``mctf::fused_attention_output_qk``): one launch of
   ``fused_attention_output``'s kernel with ``FROM_QK``, recomputing each P tile from q,
   k and ``lse`` over the queries in slot order.
@@ -49,25 +50,34 @@ from .attention import _pv_precision, check_output_args, check_slots, fused_atte
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _launch_lse_received(q, k, log_size, scale) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One launch: lse (B, H, T) float32 and the per-query-block column sums of P,
-    already divided by H * T, as (B, H * n_blocks, T) float32."""
+def _launch_lse_received(q, k, log_size, scale, want_received: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One launch: lse (B, H, T) float32 and ``received`` (B, T) float32. With
+    ``PER_IMAGE`` the kernel writes ``received`` itself; otherwise it writes per-(head,
+    query block) column sums, already divided by H * T, and one ``sum`` adds them in a
+    fixed order (skipped when not ``want_received``: then the partials come back).
+    Either way ``received`` is bit-identical run to run (no atomics)."""
     B, H, T, D = q.shape
-    cfg = configs.attention_received_qk_config(T, D, configs.gpu_configs(q.device),
-                                               q.dtype in (torch.float32, torch.float64))
+    gpu = configs.gpu_configs(q.device)
+    cfg = configs.attention_received_qk_config(T, D, gpu, q.dtype in (torch.float32, torch.float64), batch=B,
+                                               sms=configs.sm_count(q.device))
     n_mb = triton.cdiv(T, cfg["BLOCK_M"])
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    part = torch.empty(B, H * n_mb, T, device=q.device, dtype=torch.float32)
+    if cfg["PER_IMAGE"]:
+        grid, part = (B,), torch.empty(B, T, device=q.device, dtype=torch.float32)
+    else:
+        grid, part = (B * H, n_mb), torch.empty(B, H * n_mb, T, device=q.device, dtype=torch.float32)
     has_log_size = log_size is not None
     logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (lse, (0, 0))
     with device_guard(q):
-        wrap(_attention_lse_received_kernel)[(B * H, n_mb)](
+        wrap(_attention_lse_received_kernel)[grid](
             q, *q.stride(), k, *k.stride(), logs_arg, *sl, lse, part, float(scale), 1.0 / (H * T), H, T, D,
             HAS_LOG_SIZE=has_log_size, QK_PRECISION=_pv_precision(q.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"],
-            num_warps=cfg["num_warps"],
+            PER_IMAGE=cfg["PER_IMAGE"], num_warps=cfg["num_warps"],
+            **{n: cfg[n] for n in ("num_stages", "maxnreg") if cfg[n] is not None},
         )
-    return lse, part
+    # Heads and query blocks summed in a fixed order (deterministic, no atomics).
+    return lse, part if cfg["PER_IMAGE"] or not want_received else part.sum(dim=1)
 
 
 # ---------------------------------------------------------------- fusion_attention
@@ -76,9 +86,8 @@ def _fusion_attention_impl(
     q: torch.Tensor, k: torch.Tensor, log_size: Optional[torch.Tensor], scale: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k = last_dim_unit(q), last_dim_unit(k)
-    lse, part = _launch_lse_received(q, k, log_size, scale)
-    # Heads and query blocks summed in a fixed order (deterministic, no atomics).
-    return part.sum(dim=1), lse
+    lse, received = _launch_lse_received(q, k, log_size, scale)
+    return received, lse
 
 
 # ---------------------------------------------------------------- fused_attention_output_qk
@@ -100,7 +109,7 @@ def _fused_qk_impl(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k = last_dim_unit(q), last_dim_unit(k)
     if lse is None:
-        lse, _part = _launch_lse_received(q, k, log_size, scale)
+        lse, _unused = _launch_lse_received(q, k, log_size, scale, want_received=False)
     slots = None if order is None else (order, starts)
     return launch_fused_output(v, dest, t_out, size, attn_received, mode, qk=(q, k, lse, log_size, scale),
                                slots=slots)
