@@ -66,8 +66,8 @@ def _is_number(v) -> bool:
 
 
 def _is_finite_number(v) -> bool:
-    # only floats can be NaN/inf; math.isfinite on an int would also break torch.compile's trace
-    return _is_number(v) and (isinstance(v, int) or math.isfinite(v))
+    # comparisons, not math.isfinite: torch.compile may trace a number as a symbolic float
+    return _is_number(v) and -math.inf < v < math.inf  # NaN fails every comparison
 
 
 def check_temperature(name: str, tau: float) -> None:

@@ -23,8 +23,8 @@ def tokens_to_remove(num_tokens: int, r: Number, num_protected: int = 1) -> int:
     """
     if isinstance(r, bool) or not isinstance(r, (int, float)):
         raise TypeError(f"r must be an int or float, got {type(r).__name__}")
-    # only floats can be NaN/inf (math.isfinite on an int would also break torch.compile's trace)
-    if (isinstance(r, float) and not math.isfinite(r)) or r < 0:
+    # comparisons, not math.isfinite: torch.compile may trace r as a symbolic float
+    if not 0 <= r < math.inf:  # NaN fails every comparison
         raise ValueError(f"r must be >= 0 and finite, got {r}")
     for name, value in (("num_tokens", num_tokens), ("num_protected", num_protected)):
         if isinstance(value, bool) or not isinstance(value, int):
