@@ -307,6 +307,6 @@ def fused_attention_output_from(
                       _interpreter_bf16_reason(v.device, (att.q, att.k, v, size)))
     launcher = dispatch.select("fused_attention_output_qk", v.device, reason)
     args = (att.q, att.k, att.lse, att.log_size, att.scale, v, dest, t_out, size, att.received)
-    if launcher is None:
+    if launcher is None or B == 0:
         return fused_attention_output_qk_reference(*args, mode=mode)
     return launcher(*args, mode=mode, slots=slots)

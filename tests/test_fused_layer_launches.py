@@ -6,6 +6,7 @@ steady-state no-grad forward of a random-init DeiT-T (64 px, 3 blocks, fusing in
 1 and 2) under the ``triton`` backend (the interpreter on CPU). On CPU, autocast has no
 weight-cast cache, so every ``nn.Linear`` there also counts its weight and bias casts.
 """
+import copy
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import mctf
 import mctf_kernels as mk
 from kernel_counts import per_block_kernels, tiny_patched_model
-from mctf.patch.timm import _split_qkv
+from mctf.patch.timm import _QKV_CASTS, _split_qkv
 
 # Budgets per fused layer (the third block: sizes are known, so proportional attention is
 # on), as measured now: 17 with a half model, 26 under CPU autocast (the first design: 32
@@ -86,8 +87,23 @@ def test_qkv_cast_cache_follows_the_weights():
         w_qk, b_qk, w_v, b_v = _split_qkv(attn, x)
         (w_qk.float().sum() + w_v.float().sum()).backward()
     assert attn.qkv.weight.grad is not None and torch.all(attn.qkv.weight.grad == 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        _split_qkv(attn, x)
+    assert attn in _QKV_CASTS
+    copied = copy.deepcopy(model)  # the cache lives off the module: copies and pickles never carry it
+    assert copied.blocks[1].attn not in _QKV_CASTS
     mctf.unpatch(model)
-    assert "_mctf_qkv_cast" not in attn.__dict__
+    assert attn not in _QKV_CASTS
+
+
+def test_qkv_cast_cache_skips_float64():
+    """autocast leaves float64 alone, so the cache must too (F.linear would mix dtypes)."""
+    model = tiny_patched_model(depth=2).double()
+    attn = model.blocks[1].attn
+    x = torch.randn(1, 5, attn.qkv.in_features, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert _split_qkv(attn, x)[0].dtype == torch.float64
+    assert attn not in _QKV_CASTS
 
 
 def test_compile_is_clean():

@@ -6,6 +6,7 @@ drop path, q/k norm) are the ones already there. ``unpatch`` swaps them back.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -40,30 +41,38 @@ def _heads(attn: TimmAttention, x: torch.Tensor):
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+# attention module -> (key, cast slices); kept off the module so that pickling, deepcopy and
+# state_dict never carry it, and dropped with the module
+_QKV_CASTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _split_qkv(attn: TimmAttention, x: torch.Tensor):
     """(w_qk, b_qk, w_v, b_v): ``attn.qkv`` split into its query-key and value rows.
 
     Slices of the weight are not leaves, so autocast would cast them again at every
-    call; in inference under autocast the cast slices are cached on the module, keyed
-    on the autocast dtype and the weight's and bias's storage and version counter (any
-    in-place update, e.g. an optimizer step or load_state_dict, bumps it; writes through
-    ``.data`` do not and are not seen). With gradients on, or while torch.compile traces
-    (it fuses the casts itself), the plain slices are used, so training is unaffected.
+    call; in inference under autocast the cast slices are cached per module, keyed on
+    the autocast dtype, the device and the weight's and bias's storage and version
+    counter (any in-place update, e.g. an optimizer step or load_state_dict, bumps it;
+    writes through ``.data`` do not and are not seen). Not cached: with gradients on,
+    while torch.compile traces (it fuses the casts itself), during CUDA-graph capture
+    (the graph must replay the cast, or it would keep stale weights after an update),
+    and for float64 weights (autocast leaves those alone).
     """
     w, b = attn.qkv.weight, attn.qkv.bias
     n = attn.qkv.out_features // 3
     device_type = x.device.type
     if (torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and w.dtype != torch.float64
+            and not (device_type == "cuda" and torch.cuda.is_current_stream_capturing())):
         dtype = torch.get_autocast_dtype(device_type)
-        key = (dtype, w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
-        cached = attn.__dict__.get("_mctf_qkv_cast")
+        key = (dtype, w.device, w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
+        cached = _QKV_CASTS.get(attn)
         if cached is None or cached[0] != key:
             wc = w.detach().to(dtype)
             bc = None if b is None else b.detach().to(dtype)
             cached = (key, (wc[: 2 * n], None if bc is None else bc[: 2 * n],
                             wc[2 * n:], None if bc is None else bc[2 * n:]))
-            attn.__dict__["_mctf_qkv_cast"] = cached  # not a buffer: never in a state_dict
+            _QKV_CASTS[attn] = cached
         return cached[1]
     return (w[: 2 * n], None if b is None else b[: 2 * n], w[2 * n:], None if b is None else b[2 * n:])
 
@@ -360,5 +369,5 @@ def unpatch(model):
             blk.__class__ = TimmBlock
             for name in ("_mctf_index", "_mctf_state"):
                 blk.__dict__.pop(name, None)
-            blk.attn.__dict__.pop("_mctf_qkv_cast", None)
+            _QKV_CASTS.pop(blk.attn, None)
     return model

@@ -34,10 +34,6 @@ def block_size(n: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
-def warps_for(block: int) -> int:
-    return 1 if block <= 64 else 2 if block <= 256 else 4
-
-
 def last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     """Strides are passed to the kernels; copy only when the channel dim is strided
     (a strided last dim would make every load uncoalesced)."""

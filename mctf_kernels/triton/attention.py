@@ -22,7 +22,7 @@ from ..merge import pooling_weights
 from . import configs
 from ._attention_kernel import _attention_received_kernel, _fused_attention_output_kernel
 from ._common import block_size, custom_op, device_guard, interpreting, last_dim_unit, wrap
-from .merge import slot_index
+from .slots import launch_slot_index
 
 
 # ---------------------------------------------------------------- attention_received
@@ -85,7 +85,7 @@ def launch_fused_output(
     T = dest.shape[1]
     device = v.device
     with device_guard(v):
-        order, starts = slot_index(dest, t_out) if slots is None else slots
+        order, starts = launch_slot_index(dest, t_out) if slots is None else slots
         order, starts = order.contiguous(), starts.contiguous()
         out = torch.empty(B, t_out, H, D, device=device, dtype=v.dtype).transpose(1, 2)
         den = torch.empty(B, t_out, device=device, dtype=torch.float32)

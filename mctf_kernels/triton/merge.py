@@ -15,16 +15,10 @@ import triton
 import triton.language as tl
 
 from ..merge import merge_reference, pooling_weights  # noqa: F401  (the reference beside its launcher)
-from ._common import custom_op, last_dim_unit, wrap
+from ._common import custom_op, device_guard, last_dim_unit, wrap
 from ._merge_kernel import _merge_kernel
 from .configs import merge_config
-from .slots import SlotIndex, launch_slot_index
-
-
-def slot_index(dest: torch.Tensor, t_out: int) -> SlotIndex:
-    """The slot index launched directly (no custom op: callers are inside one). Kept here
-    for the attention launcher's import until it takes the layer's shared index."""
-    return SlotIndex(*launch_slot_index(dest, t_out))
+from .slots import launch_slot_index
 
 
 def launch_merge(
@@ -53,7 +47,8 @@ def launch_merge(
         B, H, T, C = x.shape
         sxb, sxh, sxt, sxc = x.stride()
     device = x.device
-    order, starts = slots if slots is not None else launch_slot_index(dest, t_out)
+    # the kernel indexes dense rows of order and starts: a caller's view is copied if it is not
+    order, starts = (s.contiguous() for s in slots) if slots is not None else launch_slot_index(dest, t_out)
 
     out = torch.empty(*x.shape[:-2], t_out, C, device=device, dtype=out_dtype or x.dtype)
     sob, soh, sot = (out.stride(0), 0, out.stride(1)) if x.dim() == 3 else out.stride()[:3]
@@ -159,7 +154,8 @@ def _merge_impl(
     starts: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     slots = None if order is None else (order, starts)
-    out, new_size, new_source, den = launch_merge(x, dest, t_out, size, attn_received, mode, source, slots=slots)
+    with device_guard(x):  # Triton launches on the current device, not the tensors'
+        out, new_size, new_source, den = launch_merge(x, dest, t_out, size, attn_received, mode, source, slots=slots)
     if new_source is None:  # custom ops cannot return None
         new_source = x.new_empty(0)
     return out, new_size, new_source, den

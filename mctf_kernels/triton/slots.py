@@ -8,7 +8,7 @@ import torch
 import triton
 
 from ..slots import SlotIndex, slot_index_reference  # noqa: F401  (the reference beside its launcher)
-from ._common import custom_op, wrap
+from ._common import custom_op, device_guard, wrap
 from ._slots_kernel import _slot_index_kernel
 from .configs import slot_index_config
 
@@ -22,7 +22,8 @@ def launch_slot_index(dest: torch.Tensor, t_out: int) -> Tuple[torch.Tensor, tor
         return order, starts
     cfg = dict(slot_index_config(dest.device, T, t_out))
     grid = (B, triton.cdiv(max(T, t_out + 1), cfg["BLOCK_I"]))
-    wrap(_slot_index_kernel)[grid](dest, dest.stride(0), dest.stride(1), order, starts, T, t_out, **cfg)
+    with device_guard(dest):
+        wrap(_slot_index_kernel)[grid](dest, dest.stride(0), dest.stride(1), order, starts, T, t_out, **cfg)
     return order, starts
 
 
