@@ -13,7 +13,7 @@ from slot_maps import make_dest
 from mctf_kernels import ops
 from mctf_kernels.triton import LAUNCHERS
 from mctf_kernels.triton.configs import force_gpu_configs
-from mctf_kernels.triton.merge import slot_index
+from mctf_kernels.triton.slots import slot_index
 
 ON_CUDA = torch.cuda.is_available()
 
