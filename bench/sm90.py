@@ -98,6 +98,7 @@ def _fake_h100():
         get_device_properties=lambda *a, **k: props, get_device_capability=lambda *a, **k: (9, 0),
         get_device_name=lambda *a, **k: props.name, device=lambda *a, **k: contextlib.nullcontext(),
         synchronize=lambda *a, **k: None, is_bf16_supported=lambda *a, **k: True,
+        is_current_stream_capturing=lambda: False,
     )
     saved = {k: getattr(torch.cuda, k) for k in patches}
     for k, v in patches.items():
