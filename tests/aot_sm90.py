@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover
     sys.exit(3)
 
 TARGET = GPUTarget("cuda", 90, 32)
-GPU = torch.device("cuda")  # the GPU launch configurations (no GPU is touched)
+# the GPU launch configurations for an H100 (132 SMs), chosen for a CPU tensor: no GPU is touched
+GPU = torch.device("cpu")
 FLOAT_SCALARS = {"scale", "e_sim", "e_info", "e_size"}
 INT32_POINTERS = {"node_idx_ptr", "rank_a_ptr", "node_idx2_ptr", "aux_ptr"}
 INT64_POINTERS = {"dest_ptr", "order_ptr", "starts_ptr"}
@@ -149,4 +150,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mctf_kernels.triton.configs import force_gpu_configs
+
+    with force_gpu_configs():
+        sys.exit(main())

@@ -32,6 +32,13 @@ def gpu_configs(device: torch.device) -> bool:
     return device.type == "cuda" or _forced_gpu > 0
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; an H100's 132 for the GPU policy forced on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 # ---------------------------------------------------------------- match
 # Largest A/B half handled by the single-launch kernel (one program per image,
 # scores computed once, BLOCK_M rows at a time). T <= 256,
@@ -78,10 +85,6 @@ def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool) -> di
 
 # ---------------------------------------------------------------- merge and slot index
 
-# An H100 has 132 SMs; below this many programs a launch leaves SMs idle.
-_MIN_PROGRAMS = 2 * 132
-
-
 def slot_index_config(device: torch.device, T: int, t_out: int) -> dict:
     """``_slot_index_kernel``: BLOCK_I tokens ranked per program against BLOCK_J-wide tiles."""
     if not gpu_configs(device):  # one program per image: the interpreter pays per program
@@ -111,7 +114,8 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
     block_s = 4
     chunks = triton.cdiv(C, block_c)
     split = 1
-    while split < chunks and rows * triton.cdiv(t_out, block_s) * split < _MIN_PROGRAMS:
+    min_programs = 2 * sm_count(device)  # fewer programs than this leave SMs idle
+    while split < chunks and rows * triton.cdiv(t_out, block_s) * split < min_programs:
         split *= 2
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_N=128, BLOCK_T=128, SPLIT_C=min(split, chunks),
                 num_warps=4 if block_s * block_c >= 512 else 2)
@@ -125,13 +129,6 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
 
 #: largest key row the received kernel holds on chip in one tile (one q.k^T pass)
 ATTENTION_ONE_TILE_MAX_T = 256
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; an H100's 132 for the GPU policy forced on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
 
 
 def attention_received_qk_config(T: int, D: int, gpu: bool, wide_dtype: bool = False, batch: int = 1,
