@@ -442,10 +442,10 @@ def run_eval(ctx, module, desc: str, progress: bool) -> Dict:
 def _torch_load(path):
     import torch
 
-    import mctf
+    from mctf.checkpoint import SAFE_GLOBALS
 
     try:
-        with torch.serialization.safe_globals(list(mctf.checkpoint.SAFE_GLOBALS)):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"--resume: cannot read {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None

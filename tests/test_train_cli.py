@@ -1,0 +1,265 @@
+"""mctf-train end to end on CPU: a generated colour-class ImageFolder, a 4-block ViT, 2 epochs."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import mctf
+from mctf.checkpoint import SAFE_GLOBALS
+from mctf.cli import eval as eval_cli
+from mctf.cli import train as train_cli
+
+MODEL = "vit_tiny_patch16_224"
+KWARGS = ["img_size=64", "patch_size=8", "embed_dim=32", "depth=4", "num_heads=2"]
+MCTF = ["--mctf-type", "8", "4", "0", "1", "1", "1", "20", "40", "1", "1", "0", "--activate-layer", "1", "2", "3"]
+# lr 2e-3 at a global batch of 8 (--lr-base-size 8, --lr-times 1): a toy task learns in 2 epochs;
+# drop path 0: its random masks depend on the per-process batch, so 1 and 2 processes would differ;
+# consistency threshold 0.01: every sample passes, so each rank's mean over its passing samples
+# averages to the global one (the public code normalises per process)
+BASE = ["--task-type", "1", "1", "0.01", "-m", MODEL, "--model-kwargs", *KWARGS, *MCTF, "-j", "0", "--epochs", "2", "--cooldown-epochs", "0",
+        "--lr", "2e-3", "--lr-base-size", "8", "--lr-times", "1", "--drop-path", "0", "--device", "cpu",
+        "--no-progress", "--model-ema-decay", "0.9"]
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is several times faster than two
+    (no oversubscription), and the torchrun ranks get one each too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train/ 16 and val/ 6 noisy images per colour class, assorted sizes (a learnable toy task)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 6)):
+        for name, rgb in COLOURS.items():
+            os.makedirs(root / split / name)
+            for i in range(n):
+                h, w = rng.integers(40, 80, 2)
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 50, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path / "log.jsonl")]
+
+
+def train(args, capsys=None):
+    code = train_cli.main([str(a) for a in args])
+    assert code == 0
+    return capsys.readouterr() if capsys else None
+
+
+def tiny(num_classes=3, **extra):
+    kwargs = {k: int(v) for k, v in (kv.split("=") for kv in KWARGS)}
+    return timm.create_model(MODEL, pretrained=False, num_classes=num_classes, **kwargs, **extra)
+
+
+def ckpt(path):
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        return torch.load(path, weights_only=True)
+
+
+def assert_same(a, b, where=""):
+    """Bit-for-bit equal nested checkpoint contents."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """One 2-epoch run (batch 8, every epoch's checkpoint kept)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    train(BASE + ["--data-path", data, "-b", "8", "--save-every", "1", "--output", out])
+    return out
+
+
+def test_two_epochs_learn_and_write_public_checkpoints(run, data, capsys):
+    log = read_log(run)
+    assert [r["event"] for r in log] == ["start", "epoch", "epoch", "end"]
+    first, last = log[1], log[2]
+    assert first["steps"] == last["steps"] == 48 // 8
+    assert last["train_loss"] < first["train_loss"]  # the toy task is learned
+    assert last["loss_student"] < first["loss_student"] and last["loss"] < first["loss"]
+    assert last["top1"] > 80 and last["num_images"] == 18  # chance is 33 %
+    assert log[0]["args"]["mctf_type_resolved"] == [8, 4, 0, 1, 1, 1, 20, 40, 1, 1, 0]
+    assert log[0]["args"]["lr_scaled"] == pytest.approx(2e-3)
+    assert log[3]["best_top1"] == max(first["top1"], last["top1"])
+
+    saved = ckpt(run / "checkpoint.pth")
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "scaler", "args", "state_dict_ema"} <= saved.keys()
+    assert saved["epoch"] == 1 and saved["scaler"] is None and saved["args"].model == MODEL
+    assert not torch.equal(saved["model"]["head.weight"], saved["state_dict_ema"]["head.weight"])
+    # our loader, into the plain and the patched model
+    model = mctf.load_checkpoint(tiny(), str(run / "checkpoint.pth"))
+    assert torch.equal(model.state_dict()["head.weight"], saved["model"]["head.weight"])
+    ema = mctf.load_checkpoint(tiny(), str(run / "model_ema.pth"))
+    assert torch.equal(ema.state_dict()["head.weight"], saved["state_dict_ema"]["head.weight"])
+    # mctf-eval reads it and scores it as the training run's own evaluation did
+    out_json = run.parent / "eval.json"
+    capsys.readouterr()
+    assert eval_cli.main(["-m", MODEL, "--model-kwargs", *KWARGS, "--num-classes", "3", *MCTF[:12], *MCTF[12:],
+                          "--data-path", str(data / "val"), "--checkpoint", str(run / "checkpoint.pth"), "-j", "0",
+                          "--no-progress", "--no-timing", "--device", "cpu", "--output", str(out_json)]) == 0
+    row = json.loads(out_json.read_text())["results"][0]
+    assert row["top1"] == last["top1"] and row["loss"] == pytest.approx(last["loss"], rel=1e-6)
+
+
+def test_resume_continues_bit_for_bit(run, data, tmp_path):
+    """Epoch 1 resumed from epoch 0's checkpoint equals epoch 1 of the uninterrupted run."""
+    out = tmp_path / "resumed"
+    train(BASE + ["--data-path", data, "-b", "8", "--resume", run / "checkpoint-0.pth", "--output", out])
+    resumed, straight = ckpt(out / "checkpoint.pth"), ckpt(run / "checkpoint.pth")
+    for key in ("model", "state_dict_ema", "optimizer", "lr_scheduler", "epoch"):
+        assert_same(resumed[key], straight[key], key)
+    log = read_log(out)
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1]
+    assert log[1] == {**read_log(run)[2], "train_seconds": log[1]["train_seconds"],
+                      "train_images_per_s": log[1]["train_images_per_s"]}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(run, data, tmp_path):
+    """2 processes x batch 4 (Gloo) against the 1-process run with batch 8: the same images in the
+    same global steps, the same teacher r, the gradients averaged by DDP."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mctf.cli.train", *map(str, BASE), "--data-path", str(data), "-b", "4", "--output", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_log(run), read_log(out)
+    assert two[0]["args"]["world_size"] == 2 and two[0]["args"]["lr_scaled"] == one[0]["args"]["lr_scaled"]
+    for a, b in zip(one[1:3], two[1:3]):
+        assert a["steps"] == b["steps"] == 6
+        # each rank's half-batch mean, averaged by DDP, is the full-batch mean up to float32
+        # rounding (measured: at most 4e-8 apart over these two epochs)
+        for key in ("train_loss", "loss_student", "loss_teacher", "loss_consistency", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+        assert b["top1"] == a["top1"] and b["ema_top1"] == a["ema_top1"] and b["num_images"] == a["num_images"]
+    w1, w2 = ckpt(run / "checkpoint.pth"), ckpt(out / "checkpoint.pth")
+    steps, lr, dim = 12, 2e-3, 32
+    for key in ("model", "state_dict_ema"):
+        for name, p in w1[key].items():
+            q = w2[key][name]
+            if name.endswith("attn.qkv.bias"):
+                # the key bias shifts every logit of a softmax row alike: its true gradient is 0 and
+                # what autograd returns is rounding noise, which Adam divides by its own size into
+                # steps of up to ~lr. Those entries may drift apart by lr per step; the rest must not.
+                assert (q[dim:2 * dim] - p[dim:2 * dim]).abs().max() <= lr * steps
+                p, q = torch.cat([p[:dim], p[2 * dim:]]), torch.cat([q[:dim], q[2 * dim:]])
+            # float32 rounding through 12 Adam steps (measured: at most 2.8e-7 apart)
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=2e-6, msg=f"{key}.{name}")
+
+
+@pytest.mark.slow
+def test_triton_backend_gradients_match_reference():
+    """The training step (student + teacher + consistency) through the Triton kernels gives the
+    reference's loss and gradients (CPU: Triton's interpreter)."""
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    grads = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = mctf.patch.timm(tiny(), mctf.MCTFConfig.from_mctf_type([8, 4, 0, 1, 1, 1, 20, 40, 1, 1, 0],
+                                                                       activate_layer=[1, 2, 3])).train()
+        step = train_cli._step_module(model, (1, 1, 0.01), (1.0, 1.0, 3.0), LabelSmoothingCrossEntropy(0.1))
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        y = torch.tensor([0, 2])
+        with mctf.use_backend(backend):
+            losses = step(x, y, y[:, None], 3)
+        losses[0].backward()
+        grads[backend] = (torch.stack([t.detach() for t in losses]),
+                          {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], rtol=1e-5, atol=1e-6)
+    for name, g in grads["reference"][1].items():
+        torch.testing.assert_close(grads["triton"][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _bad(tmp_path, data):
+    other = tmp_path / "other.pth"
+    torch.save({"model": tiny(num_classes=5).state_dict()}, other)  # another model: a 5-class head
+    odd = tmp_path / "odd"
+    shutil.copytree(data, odd)
+    shutil.rmtree(odd / "val" / "red")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "checkpoint.pth").write_bytes(b"x")
+    noval = tmp_path / "noval"
+    shutil.copytree(data / "train", noval / "train")
+    plain = tmp_path / "plain.pth"
+    torch.save(tiny().state_dict(), plain)
+    return {
+        "missing data": (["--data-path", tmp_path / "nope"], "no such directory"),
+        "no val split": (["--data-path", noval], "has no val/ folder"),
+        "class mismatch": (["--data-path", odd], "same class folders"),
+        "another model": (["--initial-checkpoint", other], "does not match"),
+        "odd batch with mixup": (["--mixup", "0.8", "-b", "7"], "must be even"),
+        "batch over the data": (["-b", "64"], "not one full step per epoch"),
+        "negative r": (["--r", "-1"], "--r: '-1' must be a token count >= 0"),
+        "fractional r > 1": (["--r", "1.5"], "must be a token count >= 0 or a fraction"),
+        "bad teacher r": (["--r-teacher-max", "-2"], "--r-teacher-max"),
+        "mctf-type r": (["--mctf-type", "-4", "2", "0", "1", "1", "1", "20", "40", "1", "1", "0"], "r (first value)"),
+        "threshold": (["--task-type", "1", "1", "1.5"], "threshold"),
+        "no loss": (["--task-type", "0", "0", "0"], "trains nothing"),
+        "run exists": (["--output", taken], "already holds a run"),
+        "resume of weights only": (["--resume", plain], "not an mctf-train checkpoint"),
+        "unknown model": (["-m", "vit_nope"], "unknown timm model"),
+    }
+
+
+BAD = ["missing data", "no val split", "class mismatch", "another model", "odd batch with mixup",
+       "batch over the data", "negative r", "fractional r > 1", "bad teacher r", "mctf-type r", "threshold",
+       "no loss", "run exists", "resume of weights only", "unknown model"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_exits_2_and_writes_nothing(case, data, tmp_path, capsys):
+    extra, message = _bad(tmp_path, data)[case]
+    out = tmp_path / "out"
+    args = BASE + ["--data-path", data, "-b", "8", "--output", out] + extra
+    if "--mctf-type" in extra:  # replace the base configuration
+        i = args.index("--mctf-type")
+        args = args[:i] + args[i + 16:]
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "mctf-train: error:" in err and message in err, err
+    assert not out.exists() and not (tmp_path / "taken" / "log.jsonl").exists()
+
+
+def test_pretrained_unreachable_is_a_clear_error(data, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here either way
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([str(a) for a in BASE + ["--data-path", data, "-b", "8", "--output", out, "--pretrained"]])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--pretrained: cannot get timm's weights" in err and "--initial-checkpoint" in err
+    assert not out.exists()
