@@ -263,3 +263,57 @@ def test_pretrained_unreachable_is_a_clear_error(data, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--pretrained: cannot get timm's weights" in err and "--initial-checkpoint" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("amp", ["bfloat16", "float16"])
+def test_mixup_cutmix_and_amp_run_and_resume(amp, data, tmp_path):
+    """Mixup/cutmix (soft targets, the confidence gate on both labels) under autocast; fp16 adds
+    timm's loss scaler, whose state is saved and restored."""
+    out = tmp_path / "out"
+    args = BASE + ["--data-path", data, "-b", "8", "--mixup", "0.8", "--cutmix", "1.0", "--amp", "--amp-dtype", amp,
+                   "--task-type", "1", "1", "0.2", "--save-every", "1"]
+    train(args + ["--output", out])
+    log = read_log(out)
+    assert all(np.isfinite(r["train_loss"]) for r in log if r["event"] == "epoch")
+    saved = ckpt(out / "checkpoint.pth")
+    assert (saved["scaler"] is None) == (amp == "bfloat16")
+    if amp == "float16":
+        assert saved["scaler"]["scale"] > 0
+        train(args + ["--resume", out / "checkpoint-0.pth", "--output", tmp_path / "resumed"])
+        assert_same(ckpt(tmp_path / "resumed" / "checkpoint.pth")["model"], saved["model"], "model")
+
+
+def test_repeated_augmentation_deals_one_global_list():
+    """Ranks share one shuffled list of image copies: 2 ranks x batch 2 = 1 process x batch 4."""
+    one = list(train_cli.RepeatedAugmentSampler(10, 1, 0, 3, seed=5))
+    two = [list(train_cli.RepeatedAugmentSampler(10, 2, r, 3, seed=5)) for r in range(2)]
+    assert len(one) == 10 and [len(t) for t in two] == [5, 5]
+    for i in range(2):
+        assert sorted(two[0][2 * i:2 * i + 2] + two[1][2 * i:2 * i + 2]) == sorted(one[4 * i:4 * i + 4])
+    assert [c // 3 for c in one[:3]] == [one[0] // 3] * 3 and [c % 3 for c in one[:3]] == [0, 1, 2]
+    later = train_cli.RepeatedAugmentSampler(10, 1, 0, 3, seed=5)
+    later.set_epoch(1)
+    assert list(later) != one  # a new order every epoch
+    assert len(train_cli.RepeatedAugmentSampler(600, 4, 0, 3, seed=0)) == 512 // 4  # DeiT's rounding to 256
+
+
+def test_seeded_samples_depend_on_image_copy_and_epoch_only():
+    """A sample's augmentation is a function of (seed, epoch, image, copy): not of the order of
+    loading, the process, or the global random state."""
+    class Noise:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.rand(3) + i
+
+    samples = train_cli.SeededSamples(Noise(), seed=1, repeats=2)
+    a = [samples[c] for c in range(4)]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    b = [samples[c] for c in reversed(range(4))][::-1]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1])  # two copies of image 0 are augmented differently
+    samples.epoch = 1
+    assert not torch.equal(samples[0], a[0])

@@ -10,7 +10,7 @@ with mctf-eval's evaluation loop and a checkpoint is written in the public forma
 (loadable by mctf.load_checkpoint and mctf-eval); --resume continues from it exactly.
 
 Reproducibility: every sample's augmentation draws from seeds derived from (--seed,
-epoch, image index), every epoch reseeds the step randomness (drop path, mixup) from
+epoch, image, copy), every epoch reseeds the step randomness (drop path, mixup) from
 (--seed, epoch, rank), and the teacher's r comes from a host generator seeded with
 (--seed, epoch), the same on every rank. So a resumed run repeats the uninterrupted one
 bit for bit on CPU, and N processes see the same images in the same global batches as
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--remode", default="pixel", help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--aug-repeats", type=int, default=3,
+                   help="repeated augmentation: copies of each image per epoch, on different ranks (1 = off)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (on if > 0)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (on if > 0)")
@@ -174,6 +176,8 @@ def check_args(args) -> Dict:
         raise UsageError("--save-every must be >= 1")
     if args.validation_batch_size is not None and args.validation_batch_size < 1:
         raise UsageError("--validation-batch-size must be >= 1")
+    if args.aug_repeats < 1:
+        raise UsageError("--aug-repeats must be >= 1 (1: no repeated augmentation)")
     for name in ("workers", "warmup_epochs", "cooldown_epochs", "drop", "drop_path", "smoothing", "mixup",
                  "cutmix", "reprob", "lr", "min_lr", "warmup_lr", "weight_decay", "lr_times", "min_lr_times"):
         value = getattr(args, name)
@@ -277,22 +281,25 @@ def derive_seed(*parts) -> int:
 
 
 class SeededSamples:
-    """A dataset whose i-th sample in epoch e is augmented from seeds derived from (seed, e, i),
-    whichever process or worker loads it, so runs repeat across resumes and world sizes."""
+    """A dataset whose samples are augmented from seeds derived from (seed, epoch, image, copy),
+    whichever process or worker loads them, so runs repeat across resumes and world sizes.
+    It is indexed by ``image * repeats + copy`` (RepeatedAugmentSampler): the copies of one
+    image in an epoch are augmented differently."""
 
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset, seed: int, repeats: int = 1):
+        self.dataset, self.seed, self.repeats, self.epoch = dataset, seed, repeats, 0
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.dataset) * self.repeats
 
-    def __getitem__(self, index):
+    def __getitem__(self, code):
         import random
 
         import numpy as np
         import torch
 
-        s = derive_seed(self.seed, "sample", self.epoch, index)
+        index, copy = divmod(code, self.repeats)
+        s = derive_seed(self.seed, "sample", self.epoch, index, copy)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):  # the caller's torch stream is left as it was
             random.seed(s)
@@ -303,6 +310,37 @@ class SeededSamples:
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+class RepeatedAugmentSampler:
+    """Repeated augmentation (DeiT's sampler, which the public fine-tuning uses): every epoch
+    shuffles the images (seeded by (seed, epoch)), repeats each ``repeats`` times in a row,
+    and deals the list round-robin to the ranks, so an image's copies land on different
+    ranks (or, on one process, in one batch). Each rank keeps ``per_rank`` samples:
+    ``len(images)`` rounded down to a multiple of 256 (all of them below 256) over the world
+    size, so an epoch holds as many samples as there are images. The global list is the
+    same for any world size: N processes see exactly the global batches one process sees.
+    Yields ``image * repeats + copy`` (SeededSamples)."""
+
+    def __init__(self, num_images: int, world: int, rank: int, repeats: int, seed: int, round_to: int = 256):
+        self.num_images, self.world, self.rank, self.repeats, self.seed = num_images, world, rank, repeats, seed
+        kept = num_images // round_to * round_to if num_images >= round_to else num_images
+        self.per_rank = kept // world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        import torch
+
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+        perm = torch.randperm(self.num_images, generator=g)
+        codes = (perm[:, None] * self.repeats + torch.arange(self.repeats)).flatten()
+        return iter(codes[self.rank::self.world][:self.per_rank].tolist())
 
 
 def seed_epoch(seed: int, epoch: int, rank: int):
@@ -566,16 +604,17 @@ def setup(args, parsed: Dict) -> Dict:
         mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount)
     train_root = os.path.join(args.data_path, args.train_split)
-    train_set = SeededSamples(build_dataset(train_root, train_tf), args.seed)
+    images = build_dataset(train_root, train_tf)
+    train_set = SeededSamples(images, args.seed, max(1, args.aug_repeats))
     val_set = build_dataset(os.path.join(args.data_path, args.val_split),
                             create_transform(**data_config, is_training=False))
     global_batch = args.batch_size * world
-    if len(train_set) < global_batch:
+    # one global list dealt to the ranks, whole batches only: N processes see exactly the
+    # global batches one process sees
+    sampler = RepeatedAugmentSampler(len(images), world, rank, max(1, args.aug_repeats), args.seed)
+    if len(sampler) < args.batch_size:
         raise UsageError(f"--batch-size {args.batch_size} x {world} process(es) = {global_batch} images per step, "
-                         f"but {train_root} holds {len(train_set)}: not one full step per epoch")
-    # drop_last in both: N processes see exactly the global batches one process sees
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
+                         f"but {train_root} holds {len(images)}: not one full step per epoch")
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     val_loader = torch.utils.data.DataLoader(
@@ -624,7 +663,7 @@ def setup(args, parsed: Dict) -> Dict:
                loader=loader, val_loader=val_loader, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, ema=ema, amp_dtype=amp_dtype, total_epochs=total_epochs, updates=0,
                topk=min(5, num_classes), output=parsed["output"], lr=lr, data_config=data_config,
-               num_classes=num_classes, train_images=len(train_set), val_images=len(val_set))
+               num_classes=num_classes, train_images=len(images), val_images=len(val_set))
     ctx["start_epoch"] = 0
     if args.resume:
         ctx["start_epoch"] = load_resume(ctx, args.resume)
