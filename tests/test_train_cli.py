@@ -317,3 +317,28 @@ def test_seeded_samples_depend_on_image_copy_and_epoch_only():
     assert not torch.equal(a[0], a[1])  # two copies of image 0 are augmented differently
     samples.epoch = 1
     assert not torch.equal(samples[0], a[0])
+
+
+def test_posterize_to_zero_bits_gives_black_as_when_published():
+    """RandAugment's increasing posterize keeps 0 bits at magnitudes >= 7.5 (the recipe's m9 with
+    mstd0.5 reaches them often); Pillow 11+ refuses 0 bits, older Pillow (the public runs) made the
+    image black. The train transform keeps the published behaviour."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import AugmentOp
+
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    wrapped = train_cli.keep_zero_bit_posterize(create_transform(64, is_training=True, auto_augment="original"))
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(train_cli.keep_zero_bit_posterize([op])[0](image)).max() == 0
+    assert np.asarray(train_cli._posterize(image, 1)).max() == 128
+    posterize_ops = []
+    stack = [wrapped]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, (list, tuple)):
+            stack.extend(t)
+        elif isinstance(t, AugmentOp):
+            posterize_ops += [t] if t.name.startswith("Posterize") else []
+        else:
+            stack.extend(c for a in ("transforms", "ops", "policy") for c in [getattr(t, a, None)] if c)
+    assert posterize_ops and all(t.aug_fn is train_cli._posterize for t in posterize_ops)

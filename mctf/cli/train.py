@@ -270,6 +270,37 @@ def build_config(args, parsed: Dict, depth: int):
     return config
 
 
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize with 0 bits kept giving what Pillow gave when the public recipe ran
+    (every channel value masked to 0: a black image); Pillow 11+ raises instead, which
+    RandAugment's ``inc1`` posterize reaches at magnitudes >= 7.5 (m9 with mstd0.5 often)."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def keep_zero_bit_posterize(transform):
+    """Route the RandAugment/AutoAugment posterize ops in ``transform`` through _posterize."""
+    from timm.data.auto_augment import AugmentOp
+
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, (list, tuple)):  # AutoAugment's policy: a list of sub-policies
+            stack.extend(t)
+            continue
+        if isinstance(t, AugmentOp) and t.name.startswith("Posterize"):
+            t.aug_fn = _posterize
+        for attr in ("transforms", "ops", "policy"):
+            children = getattr(t, attr, None)
+            if isinstance(children, (list, tuple)):
+                stack.extend(children)
+    return transform
+
+
 # ---------------------------------------------------------------------------
 # reproducible randomness
 
@@ -597,12 +628,12 @@ def setup(args, parsed: Dict) -> Dict:
 
     # data: timm's train transform, mctf-eval's folder checks and validation shards
     data_config = common.data_config_for(model, args.crop_pct)
-    train_tf = create_transform(
+    train_tf = keep_zero_bit_posterize(create_transform(
         input_size=data_config["input_size"], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
         ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter,
         auto_augment=None if args.aa in ("none", "") else args.aa, interpolation=args.train_interpolation,
         mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount)
+        re_count=args.recount))
     train_root = os.path.join(args.data_path, args.train_split)
     images = build_dataset(train_root, train_tf)
     train_set = SeededSamples(images, args.seed, max(1, args.aug_repeats))
