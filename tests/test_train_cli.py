@@ -26,6 +26,7 @@ MCTF = ["--mctf-type", "8", "4", "0", "1", "1", "1", "20", "40", "1", "1", "0", 
 BASE = ["--task-type", "1", "1", "0.01", "-m", MODEL, "--model-kwargs", *KWARGS, *MCTF, "-j", "0", "--epochs", "2", "--cooldown-epochs", "0",
         "--lr", "2e-3", "--lr-base-size", "8", "--lr-times", "1", "--drop-path", "0", "--device", "cpu",
         "--no-progress", "--model-ema-decay", "0.9"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the ranks import this checkout
 COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
 
 
@@ -147,7 +148,7 @@ def test_torchrun_two_processes_equal_one(run, data, tmp_path):
     """2 processes x batch 4 (Gloo) against the 1-process run with batch 8: the same images in the
     same global steps, the same teacher r, the gradients averaged by DDP."""
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mctf.cli.train", *map(str, BASE), "--data-path", str(data), "-b", "4", "--output", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -157,9 +158,9 @@ def test_torchrun_two_processes_equal_one(run, data, tmp_path):
     for a, b in zip(one[1:3], two[1:3]):
         assert a["steps"] == b["steps"] == 6
         # each rank's half-batch mean, averaged by DDP, is the full-batch mean up to float32
-        # rounding (measured: at most 4e-8 apart over these two epochs)
+        # rounding (measured: losses at most 1.4e-6 apart, relative 7e-7, over these two epochs)
         for key in ("train_loss", "loss_student", "loss_teacher", "loss_consistency", "loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
         assert b["top1"] == a["top1"] and b["ema_top1"] == a["ema_top1"] and b["num_images"] == a["num_images"]
     w1, w2 = ckpt(run / "checkpoint.pth"), ckpt(out / "checkpoint.pth")
     steps, lr, dim = 12, 2e-3, 32
@@ -172,8 +173,9 @@ def test_torchrun_two_processes_equal_one(run, data, tmp_path):
                 # steps of up to ~lr. Those entries may drift apart by lr per step; the rest must not.
                 assert (q[dim:2 * dim] - p[dim:2 * dim]).abs().max() <= lr * steps
                 p, q = torch.cat([p[:dim], p[2 * dim:]]), torch.cat([q[:dim], q[2 * dim:]])
-            # float32 rounding through 12 Adam steps (measured: at most 2.8e-7 apart)
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=2e-6, msg=f"{key}.{name}")
+            # float32 rounding of the gradients, through 12 Adam steps, each dividing a gradient
+            # by its own running size (measured: at most 2.8e-6 apart, in pos_embed; 7x margin)
+            torch.testing.assert_close(q, p, rtol=0, atol=2e-5, msg=f"{key}.{name}")
 
 
 @pytest.mark.slow
