@@ -344,3 +344,12 @@ def test_posterize_to_zero_bits_gives_black_as_when_published():
         else:
             stack.extend(c for a in ("transforms", "ops", "policy") for c in [getattr(t, a, None)] if c)
     assert posterize_ops and all(t.aug_fn is train_cli._posterize for t in posterize_ops)
+
+
+def test_resume_an_earlier_checkpoint_in_its_own_folder(run, data, tmp_path):
+    """Rolling a run back to a kept checkpoint continues it in place (another run's folder is refused)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    train(BASE + ["--data-path", data, "-b", "8", "--resume", copy / "checkpoint-0.pth"])
+    assert_same(ckpt(copy / "checkpoint.pth")["model"], ckpt(run / "checkpoint.pth")["model"], "model")
+    assert [r["event"] for r in read_log(copy)][-3:] == ["start", "epoch", "end"]

@@ -243,7 +243,10 @@ def check_args(args) -> Dict:
     output = args.output or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
                              else os.path.join("output", args.model))
     existing = os.path.join(output, CHECKPOINT)
-    if os.path.exists(existing) and not (args.resume and os.path.samefile(existing, args.resume)):
+    # resuming a run in its own folder (from its last or an earlier kept checkpoint) continues it there
+    own_run = args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output) \
+        if os.path.isdir(output) else False
+    if os.path.exists(existing) and not own_run:
         raise UsageError(f"--output: {output} already holds a run ({CHECKPOINT}); continue it with --resume "
                          f"{existing} or choose another --output")
     if os.path.exists(output) and not os.path.isdir(output):
