@@ -353,3 +353,21 @@ def test_resume_an_earlier_checkpoint_in_its_own_folder(run, data, tmp_path):
     train(BASE + ["--data-path", data, "-b", "8", "--resume", copy / "checkpoint-0.pth"])
     assert_same(ckpt(copy / "checkpoint.pth")["model"], ckpt(run / "checkpoint.pth")["model"], "model")
     assert [r["event"] for r in read_log(copy)][-3:] == ["start", "epoch", "end"]
+
+
+@pytest.mark.slow
+def test_training_step_is_one_graph():
+    """The whole step (teacher pass, student pass, losses, consistency gate) traces into one graph
+    with fullgraph=True: no host synchronisation (.item(), data-dependent branches) inside it,
+    and the teacher's r, drawn on the host, is a constant of the graph."""
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    model = mctf.patch.timm(tiny(), mctf.MCTFConfig.from_mctf_type([8, 4, 0, 1, 1, 1, 20, 40, 1, 1, 0],
+                                                                   activate_layer=[1, 2, 3])).train()
+    step = train_cli._step_module(model, (1, 1, 0.4), (1.0, 1.0, 3.0), LabelSmoothingCrossEntropy(0.1))
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    with mctf.use_backend("reference"):  # with autograd on, as in training
+        eager = step(x, y, y[:, None], 3)
+        traced = torch.compile(step, backend="eager", fullgraph=True)(x, y, y[:, None], 3)
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(b.detach(), a.detach())
