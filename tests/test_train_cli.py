@@ -371,3 +371,17 @@ def test_training_step_is_one_graph():
         traced = torch.compile(step, backend="eager", fullgraph=True)(x, y, y[:, None], 3)
     for a, b in zip(eager, traced):
         torch.testing.assert_close(b.detach(), a.detach())
+
+
+def test_public_spellings_carry_over():
+    """The public script's option names and bracketed lists parse to the same arguments."""
+    parser = train_cli.build_parser()
+    public = parser.parse_args(train_cli.expand_lists(
+        ["--data_path", "d", "--mctf_type", "[16,8,0,1,1,1,20,40,1,1,0]", "--activate_layer", "[1,2,3]",
+         "--task_type", "[1,1,0.4]", "--task_weight", "[1.0,1.0,3.0]", "--lr_times", "0.03", "--min_lr_times", "0.1",
+         "--output_dir", "o", "--student-r", "12"]))
+    ours = parser.parse_args(["--data-path", "d", "--mctf-type", *"16 8 0 1 1 1 20 40 1 1 0".split(),
+                              "--activate-layer", "1", "2", "3", "--task-type", "1", "1", "0.4", "--task-weight", "1.0",
+                              "1.0", "3.0", "--lr-times", "0.03", "--min-lr-times", "0.1", "--output", "o", "--r", "12"])
+    assert vars(public) == vars(ours)
+    assert train_cli.expand_lists(["--model-kwargs", '{"a": [1, 2]}', "[]"]) == ["--model-kwargs", '{"a": [1, 2]}']

@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter,
         epilog="Several GPUs: torchrun --nproc_per_node N -m mctf.cli.train ... (-b is per process; the lr "
-               "scales with the global batch). Recipe, the public command translated and costs: "
-               "docs/training.md")
+               "scales with the global batch; write --student-r for --r, which torchrun's parser takes for its "
+               "own). The public script's spellings are accepted too: --mctf_type [16,8,0,1,1,1,20,40,1,1,0], "
+               "--activate_layer [1,2,3], --task_type [1,1,0.4], --lr_times ... Recipe, the public command "
+               "translated and costs: docs/training.md")
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default="deit_small_patch16_224", help="timm model name")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (downloads them)")
@@ -60,24 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=("mctf", "mctf-fast"), default=None,
                    help="mctf: r=16 on blocks 1..depth-1; mctf-fast: r=0.35 on every (depth//4)-th block; "
                         "default: mctf (with the teacher's r_max = r / 2, as the public recipe)")
-    g.add_argument("--mctf-type", nargs="+", metavar="V",
+    g.add_argument("--mctf-type", "--mctf_type", nargs="+", metavar="V",
                    help="the public code's --mctf_type list, 11 numbers (r r_teacher_max trace_source prop_attn "
                         "one_step_ahead tau_sim tau_info tau_size bidirection pooling_type 0); replaces --preset; "
                         "default: none")
-    g.add_argument("--activate-layer", nargs="+", type=int, metavar="I",
+    g.add_argument("--activate-layer", "--activate_layer", nargs="+", type=int, metavar="I",
                    help="0-based blocks where fusion runs; default: the preset's, or every block with --mctf-type")
-    g.add_argument("--r", help="the student's r (replaces the configuration's); default: the configuration's")
+    g.add_argument("--r", "--student-r", dest="r",
+                   help="the student's r (replaces the configuration's; under torchrun write --student-r); "
+                        "default: the configuration's")
     g.add_argument("--r-teacher-max", help="the teacher draws r in [0, this) every step; default: the "
                                            "configuration's, r / 2 for a preset")
-    g.add_argument("--task-type", nargs=3, type=float, default=[1, 1, 0.4], metavar=("S", "T", "C"),
+    g.add_argument("--task-type", "--task_type", nargs=3, type=float, default=[1, 1, 0.4], metavar=("S", "T", "C"),
                    help="student loss on/off, teacher loss on/off, consistency threshold (0 = off)")
-    g.add_argument("--task-weight", nargs=3, type=float, default=[1.0, 1.0, 3.0], metavar=("WS", "WT", "WC"),
+    g.add_argument("--task-weight", "--task_weight", nargs=3, type=float, default=[1.0, 1.0, 3.0], metavar=("WS", "WT", "WC"),
                    help="weights of the student, teacher and consistency losses")
     g.add_argument("--backend", choices=common.BACKENDS,
                    help=f"mctf_kernels backend; default: ${common.BACKEND_ENV}, else auto")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", required=True,
+    g.add_argument("--data-path", "--data_path", required=True,
                    help="root holding <train-split>/ and <val-split>/ ImageFolders (<split>/<class>/<image>), "
                         "as ImageNet (required)")
     g.add_argument("--train-split", default="train", help="train folder under --data-path")
@@ -124,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base lr at a global batch of --lr-base-size; the lr used is "
                         "lr x batch x world_size / lr_base_size x lr_times")
     g.add_argument("--lr-base-size", type=int, default=512, help="global batch that --lr refers to")
-    g.add_argument("--lr-times", type=float, default=0.03, help="lr multiplier (the public fine-tuning recipe's)")
-    g.add_argument("--min-lr-times", type=float, default=0.1, help="multiplier of --min-lr and --warmup-lr")
+    g.add_argument("--lr-times", "--lr_times", type=float, default=0.03, help="lr multiplier (the public fine-tuning recipe's)")
+    g.add_argument("--min-lr-times", "--min_lr_times", type=float, default=0.1, help="multiplier of --min-lr and --warmup-lr")
     g.add_argument("--min-lr", type=float, default=1e-5, help="lower lr bound (before --min-lr-times)")
     g.add_argument("--warmup-lr", type=float, default=1e-6, help="warmup start lr (before --min-lr-times)")
     g.add_argument("--sched", default="cosine", help="timm scheduler name")
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default="float16", help="autocast dtype with --amp")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda ...")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the augmentation and the teacher's r")
-    g.add_argument("--output", help="run folder (checkpoint.pth, model_ema.pth, log.jsonl); default: "
+    g.add_argument("--output", "--output_dir", help="run folder (checkpoint.pth, model_ema.pth, log.jsonl); default: "
                                     "output/<model>, or the folder of --resume")
     g.add_argument("--save-every", type=int,
                    help="also keep checkpoint-<epoch>.pth (resumable) every this many epochs; default: only the last")
@@ -795,9 +799,20 @@ def train(args, parsed: Dict) -> Optional[Dict]:
     return summary
 
 
+def expand_lists(argv: List[str]) -> List[str]:
+    """The public script's list values, ``[1,1,0.4]``, as separate values ``1 1 0.4``."""
+    out = []
+    for token in argv:
+        if len(token) >= 2 and token[0] == "[" and token[-1] == "]" and "[" not in token[1:-1]:
+            out.extend(v.strip() for v in token[1:-1].split(",") if v.strip())
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_lists(sys.argv[1:] if argv is None else list(argv)))
     try:
         parsed = check_args(args)
         train(args, parsed)
