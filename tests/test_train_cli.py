@@ -385,3 +385,25 @@ def test_public_spellings_carry_over():
                               "1.0", "3.0", "--lr-times", "0.03", "--min-lr-times", "0.1", "--output", "o", "--r", "12"])
     assert vars(public) == vars(ours)
     assert train_cli.expand_lists(["--model-kwargs", '{"a": [1, 2]}', "[]"]) == ["--model-kwargs", '{"a": [1, 2]}']
+
+
+def test_a_diverging_run_stops_with_status_1(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = train_cli.main([str(a) for a in BASE + ["--data-path", data, "-b", "8", "--output", out, "--opt", "sgd",
+                                                   "--lr", "1e30", "--log-interval", "1"]])
+    err = capsys.readouterr().err
+    assert code == 1 and "mctf-train: loss is nan at epoch 0, step" in err, err
+    assert not (out / "checkpoint.pth").exists()  # no epoch finished
+
+
+def test_resume_of_another_models_run_is_refused(run, data, tmp_path, capsys):
+    saved = ckpt(run / "checkpoint.pth")
+    saved["model"] = tiny(num_classes=5).state_dict()
+    other = tmp_path / "other.pth"
+    torch.save(saved, other)
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([str(a) for a in BASE + ["--data-path", data, "-b", "8", "--resume", other,
+                                                "--output", tmp_path / "out"]])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "mctf-train: error: --resume: checkpoint" in err and "head.weight" in err
+    assert not (tmp_path / "out").exists()

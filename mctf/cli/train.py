@@ -433,6 +433,7 @@ def train_one_epoch(ctx, epoch: int, progress: bool) -> Dict:
     """One pass over this rank's shard; returns the epoch's mean losses over all ranks."""
     import torch
 
+    from mctf.cli.eval import all_reduce
     from mctf.training import sample_teacher_r
 
     model, step, loader, device = ctx["model"], ctx["step"], ctx["loader"], ctx["device"]
@@ -481,7 +482,9 @@ def train_one_epoch(ctx, epoch: int, progress: bool) -> Dict:
         scheduler.step_update(num_updates=ctx["updates"])
         sums += torch.stack([x.detach().to(torch.float64) for x in losses])
         if (i + 1) % args.log_interval == 0 or i + 1 == steps:
-            mean = (sums / (i + 1)).tolist()  # the only host sync, every --log-interval steps
+            # the only host sync, every --log-interval steps; averaged over the ranks so that
+            # all of them see a non-finite loss at the same step and stop together
+            mean = [v / ctx["world"] for v in all_reduce((sums / (i + 1)).tolist(), device, ctx["world"])]
             if not math.isfinite(mean[0]):
                 raise FloatingPointError(f"loss is {mean[0]} at epoch {epoch}, step {i}: stopping")
             if bar is not None:
@@ -491,10 +494,7 @@ def train_one_epoch(ctx, epoch: int, progress: bool) -> Dict:
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    from mctf.cli.eval import all_reduce
-
-    total = all_reduce((sums / max(steps, 1)).tolist(), device, ctx["world"])
-    mean = [v / ctx["world"] for v in total]
+    # the last step always logs: mean is the epoch's, over all ranks
     return dict(train_loss=mean[0], loss_student=mean[1], loss_teacher=mean[2], loss_consistency=mean[3],
                 steps=steps, train_seconds=seconds,
                 train_images_per_s=steps * args.batch_size * ctx["world"] / seconds if seconds > 0 else None)
@@ -819,6 +819,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         train(args, parsed)
     except UsageError as exc:
         parser.error(str(exc))
+    except FloatingPointError as exc:  # a diverged run: the last checkpoint is the last good epoch
+        log(f"{PROG}: {exc}")
+        return 1
     except Exception as exc:
         from mctf_kernels import BackendUnavailable
 
