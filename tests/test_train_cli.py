@@ -258,7 +258,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, data, tmp_path, capsys):
 def test_pretrained_unreachable_is_a_clear_error(data, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here either way
+    # no network and an empty cache, whatever the machine has
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         train_cli.main([str(a) for a in BASE + ["--data-path", data, "-b", "8", "--output", out, "--pretrained"]])
