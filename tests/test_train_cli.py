@@ -23,7 +23,8 @@ MCTF = ["--mctf-type", "8", "4", "0", "1", "1", "1", "20", "40", "1", "1", "0", 
 # drop path 0: its random masks depend on the per-process batch, so 1 and 2 processes would differ;
 # consistency threshold 0.01: every sample passes, so each rank's mean over its passing samples
 # averages to the global one (the public code normalises per process)
-BASE = ["--task-type", "1", "1", "0.01", "-m", MODEL, "--model-kwargs", *KWARGS, *MCTF, "-j", "0", "--epochs", "2", "--cooldown-epochs", "0",
+BASE = ["--task-type", "1", "1", "0.01", "-m", MODEL, "--model-kwargs", *KWARGS, *MCTF, "-j", "0", "--epochs", "2",
+        "--cooldown-epochs", "0",
         "--lr", "2e-3", "--lr-base-size", "8", "--lr-times", "1", "--drop-path", "0", "--device", "cpu",
         "--no-progress", "--model-ema-decay", "0.9"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the ranks import this checkout
@@ -123,7 +124,7 @@ def test_two_epochs_learn_and_write_public_checkpoints(run, data, capsys):
     # mctf-eval reads it and scores it as the training run's own evaluation did
     out_json = run.parent / "eval.json"
     capsys.readouterr()
-    assert eval_cli.main(["-m", MODEL, "--model-kwargs", *KWARGS, "--num-classes", "3", *MCTF[:12], *MCTF[12:],
+    assert eval_cli.main(["-m", MODEL, "--model-kwargs", *KWARGS, "--num-classes", "3", *MCTF,
                           "--data-path", str(data / "val"), "--checkpoint", str(run / "checkpoint.pth"), "-j", "0",
                           "--no-progress", "--no-timing", "--device", "cpu", "--output", str(out_json)]) == 0
     row = json.loads(out_json.read_text())["results"][0]
@@ -384,7 +385,8 @@ def test_public_spellings_carry_over():
          "--output_dir", "o", "--student-r", "12"]))
     ours = parser.parse_args(["--data-path", "d", "--mctf-type", *"16 8 0 1 1 1 20 40 1 1 0".split(),
                               "--activate-layer", "1", "2", "3", "--task-type", "1", "1", "0.4", "--task-weight", "1.0",
-                              "1.0", "3.0", "--lr-times", "0.03", "--min-lr-times", "0.1", "--output", "o", "--r", "12"])
+                              "1.0", "3.0", "--lr-times", "0.03", "--min-lr-times", "0.1", "--output", "o",
+                              "--r", "12"])
     assert vars(public) == vars(ours)
     assert train_cli.expand_lists(["--model-kwargs", '{"a": [1, 2]}', "[]"]) == ["--model-kwargs", '{"a": [1, 2]}']
 

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "configuration's, r / 2 for a preset")
     g.add_argument("--task-type", "--task_type", nargs=3, type=float, default=[1, 1, 0.4], metavar=("S", "T", "C"),
                    help="student loss on/off, teacher loss on/off, consistency threshold (0 = off)")
-    g.add_argument("--task-weight", "--task_weight", nargs=3, type=float, default=[1.0, 1.0, 3.0], metavar=("WS", "WT", "WC"),
+    g.add_argument("--task-weight", "--task_weight", nargs=3, type=float, default=[1.0, 1.0, 3.0],
+                   metavar=("WS", "WT", "WC"),
                    help="weights of the student, teacher and consistency losses")
     g.add_argument("--backend", choices=common.BACKENDS,
                    help=f"mctf_kernels backend; default: ${common.BACKEND_ENV}, else auto")
@@ -128,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base lr at a global batch of --lr-base-size; the lr used is "
                         "lr x batch x world_size / lr_base_size x lr_times")
     g.add_argument("--lr-base-size", type=int, default=512, help="global batch that --lr refers to")
-    g.add_argument("--lr-times", "--lr_times", type=float, default=0.03, help="lr multiplier (the public fine-tuning recipe's)")
-    g.add_argument("--min-lr-times", "--min_lr_times", type=float, default=0.1, help="multiplier of --min-lr and --warmup-lr")
+    g.add_argument("--lr-times", "--lr_times", type=float, default=0.03,
+                   help="lr multiplier (the public fine-tuning recipe's)")
+    g.add_argument("--min-lr-times", "--min_lr_times", type=float, default=0.1,
+                   help="multiplier of --min-lr and --warmup-lr")
     g.add_argument("--min-lr", type=float, default=1e-5, help="lower lr bound (before --min-lr-times)")
     g.add_argument("--warmup-lr", type=float, default=1e-6, help="warmup start lr (before --min-lr-times)")
     g.add_argument("--sched", default="cosine", help="timm scheduler name")
@@ -590,7 +593,6 @@ def load_resume(ctx, path: str) -> int:
 
 def setup(args, parsed: Dict) -> Dict:
     """Every object of the run, on every rank; raises UsageError before anything is written."""
-    import timm
     import torch
     from timm.data import Mixup, create_transform
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
