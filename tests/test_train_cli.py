@@ -131,13 +131,14 @@ def test_two_epochs_learn_and_write_public_checkpoints(run, data, capsys):
     assert row["top1"] == last["top1"] and row["loss"] == pytest.approx(last["loss"], rel=1e-6)
 
 
-def test_resume_continues_bit_for_bit(run, data, tmp_path):
+def test_resume_continues_bit_for_bit(run, data, tmp_path, capsys):
     """Epoch 1 resumed from epoch 0's checkpoint equals epoch 1 of the uninterrupted run."""
     out = tmp_path / "resumed"
     train(BASE + ["--data-path", data, "-b", "8", "--resume", run / "checkpoint-0.pth", "--output", out])
     resumed, straight = ckpt(out / "checkpoint.pth"), ckpt(run / "checkpoint.pth")
     for key in ("model", "state_dict_ema", "optimizer", "lr_scheduler", "epoch"):
         assert_same(resumed[key], straight[key], key)
+    assert "warning: resuming with other settings" not in capsys.readouterr().err
     log = read_log(out)
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1]
     assert log[1] == {**read_log(run)[2], "train_seconds": log[1]["train_seconds"],
@@ -349,10 +350,14 @@ def test_posterize_to_zero_bits_gives_black_as_when_published():
     assert posterize_ops and all(t.aug_fn is train_cli._posterize for t in posterize_ops)
 
 
-def test_resume_an_earlier_checkpoint_in_its_own_folder(run, data, tmp_path):
+def test_resume_an_earlier_checkpoint_in_its_own_folder(run, data, tmp_path, capsys):
     """Rolling a run back to a kept checkpoint continues it in place (another run's folder is refused)."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    train(BASE + ["--data-path", data, "-b", "8", "--resume", copy / "checkpoint-0.pth"])
+    train(BASE + ["--data-path", data, "-b", "8", "--resume", copy / "checkpoint-0.pth", "--lr", "1e-3"])
+    assert "resuming with other settings than the run was saved with (lr_scaled 0.002 -> 0.001)" in \
+        capsys.readouterr().err
     train(BASE + ["--data-path", data, "-b", "8", "--resume", copy / "checkpoint-0.pth"])
     assert_same(ckpt(copy / "checkpoint.pth")["model"], ckpt(run / "checkpoint.pth")["model"], "model")
     assert [r["event"] for r in read_log(copy)][-3:] == ["start", "epoch", "end"]

@@ -36,6 +36,11 @@ CHECKPOINT = "checkpoint.pth"
 EMA_CHECKPOINT = "model_ema.pth"
 LOG = "log.jsonl"
 AMP_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}  # our names -> mctf-eval's
+# settings whose change on --resume makes the continued run differ from the saved one's plan
+RESUME_KEYS = ("model", "model_kwargs", "mctf_type_resolved", "activate_layer_resolved", "task_type", "task_weight",
+               "batch_size", "world_size", "lr_scaled", "min_lr_scaled", "sched", "epochs", "cooldown_epochs",
+               "opt", "weight_decay", "seed", "aug_repeats", "mixup", "cutmix", "smoothing", "drop_path", "amp",
+               "amp_dtype", "model_ema_decay")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -559,7 +564,8 @@ def _atomic_save(obj, path: str) -> None:
 
 
 def load_resume(ctx, path: str) -> int:
-    """Restore weights, optimizer, schedule, scaler, EMA; return the next epoch."""
+    """Restore weights, optimizer, schedule, scaler, EMA; return the next epoch and the saved
+    run's arguments."""
     import mctf
 
     obj = _torch_load(path)
@@ -584,7 +590,8 @@ def load_resume(ctx, path: str) -> int:
         if obj.get("scaler") is None:
             raise UsageError(f"--resume: {path} was saved without a loss scaler (no fp16 --amp)")
         ctx["scaler"].load_state_dict(obj["scaler"])
-    return int(obj["epoch"]) + 1
+    saved = obj.get("args")
+    return int(obj["epoch"]) + 1, vars(saved) if isinstance(saved, argparse.Namespace) else {}
 
 
 # ---------------------------------------------------------------------------
@@ -705,20 +712,25 @@ def setup(args, parsed: Dict) -> Dict:
                scaler=scaler, ema=ema, amp_dtype=amp_dtype, total_epochs=total_epochs, updates=0,
                topk=min(5, num_classes), output=parsed["output"], lr=lr, data_config=data_config,
                num_classes=num_classes, train_images=len(images), val_images=len(val_set))
-    ctx["start_epoch"] = 0
-    if args.resume:
-        ctx["start_epoch"] = load_resume(ctx, args.resume)
-        if ctx["start_epoch"] >= total_epochs:
-            raise UsageError(f"--resume: {args.resume} finished epoch {ctx['start_epoch'] - 1}, the last of "
-                             f"{total_epochs}; raise --epochs to train further")
-        ctx["updates"] = ctx["start_epoch"] * len(loader)
-        scheduler.step(ctx["start_epoch"])
-        if args.sched_on_updates:
-            scheduler.step_update(num_updates=ctx["updates"])
     ctx["saved_args"] = dict(vars(args), mctf_type_resolved=config.to_mctf_type(),
                              activate_layer_resolved=list(config.active_layers(len(model.blocks))),
                              num_classes_resolved=num_classes, world_size=world, lr_scaled=lr, min_lr_scaled=min_lr,
                              warmup_lr_scaled=warmup_lr, total_epochs=total_epochs)
+    ctx["start_epoch"] = 0
+    if args.resume:
+        ctx["start_epoch"], before = load_resume(ctx, args.resume)
+        if ctx["start_epoch"] >= total_epochs:
+            raise UsageError(f"--resume: {args.resume} finished epoch {ctx['start_epoch'] - 1}, the last of "
+                             f"{total_epochs}: nothing left to train")
+        changed = [f"{k} {before[k]!r} -> {ctx['saved_args'][k]!r}" for k in RESUME_KEYS
+                   if k in before and before[k] != ctx["saved_args"][k]]
+        if changed and rank == 0:
+            log(f"{PROG}: warning: resuming with other settings than the run was saved with ({'; '.join(changed)}); "
+                f"the schedule and optimizer continue from their saved state")
+        ctx["updates"] = ctx["start_epoch"] * len(loader)
+        scheduler.step(ctx["start_epoch"])
+        if args.sched_on_updates:
+            scheduler.step_update(num_updates=ctx["updates"])
     return ctx
 
 
