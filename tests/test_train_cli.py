@@ -181,7 +181,7 @@ def test_torchrun_two_processes_equal_one(run, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_triton_backend_gradients_match_reference():
+def test_triton_backend_gradients_match_reference(device):
     """The training step (student + teacher + consistency) through the Triton kernels gives the
     reference's loss and gradients (CPU: Triton's interpreter)."""
     from timm.loss import LabelSmoothingCrossEntropy
@@ -190,18 +190,22 @@ def test_triton_backend_gradients_match_reference():
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
         model = mctf.patch.timm(tiny(), mctf.MCTFConfig.from_mctf_type([8, 4, 0, 1, 1, 1, 20, 40, 1, 1, 0],
-                                                                       activate_layer=[1, 2, 3])).train()
+                                                                       activate_layer=[1, 2, 3])).train().to(device)
         step = train_cli._step_module(model, (1, 1, 0.01), (1.0, 1.0, 3.0), LabelSmoothingCrossEntropy(0.1))
-        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-        y = torch.tensor([0, 2])
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
+        y = torch.tensor([0, 2], device=device)
         with mctf.use_backend(backend):
             losses = step(x, y, y[:, None], 3)
         losses[0].backward()
         grads[backend] = (torch.stack([t.detach() for t in losses]),
                           {n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], rtol=1e-5, atol=1e-6)
+    # CPU: fp32 everywhere (measured: losses within 5e-9, gradients within 5.1e-6 absolute, the
+    # fused ops summing in another order); CUDA: the kernels' dots may run in TF32
+    # (not yet run on a GPU: the CUDA tolerance is a bound to confirm, not a measurement)
+    rtol, atol = (1e-4, 1e-6) if device == "cpu" else (2e-2, 1e-3)
+    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], rtol=rtol, atol=atol)
     for name, g in grads["reference"][1].items():
-        torch.testing.assert_close(grads["triton"][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads["triton"][1][name], g, rtol=rtol, atol=atol, msg=name)
 
 
 def _bad(tmp_path, data):
