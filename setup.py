@@ -37,6 +37,7 @@ setup(
             "mctf-bench=mctf.cli.bench:main",
             "mctf-eval=mctf.cli.eval:main",
             "mctf-visualize=mctf.cli.visualize:main",
+            "mctf-train=mctf.cli.train:main",
         ],
     },
 )

@@ -53,20 +53,31 @@ def finetune_loss(
     criterion: Optional[Callable] = None,
     r_teacher: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    confidence_classes: Optional[torch.Tensor] = None,
 ) -> FinetuneOutput:
     """``w_s CE(student) + w_t CE(teacher) + w_c consistency`` for a patched model.
 
     task_type = [student on/off, teacher on/off, consistency threshold (0 = off)],
     as the public code's ``--task_type``. Consistency is the mean squared difference of
     the final class tokens (teacher detached), averaged over the samples whose student
-    probability of the true class exceeds the threshold. ``targets`` are class indices.
+    probability of the true class exceeds the threshold. ``targets`` are class indices,
+    or soft targets ``(B, num_classes)`` (mixup) for a ``criterion`` that takes them; then
+    ``confidence_classes`` ``(B, k)`` names the classes whose student probabilities are
+    summed for the threshold test (mixup of sample i with sample B-1-i: its two labels).
     """
     if not hasattr(model, "mctf_state"):
         raise ValueError("model is not patched: call mctf.patch.timm(model, config) first")
     if len(task_type) != 3 or len(task_weight) != 3:
         raise ValueError("task_type and task_weight must have 3 entries (student, teacher, consistency)")
-    if targets.dim() != 1 or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError("targets must be a 1-D tensor of class indices")
+    hard = targets.dim() == 1 and targets.dtype in (torch.int64, torch.int32)
+    if not hard and not (targets.dim() == 2 and targets.is_floating_point()):
+        raise ValueError("targets must be a 1-D tensor of class indices or (B, num_classes) soft targets")
+    if confidence_classes is None:
+        if not hard and task_type[2]:
+            raise ValueError("soft targets with a consistency threshold need confidence_classes (B, k)")
+        confidence_classes = targets[:, None] if hard else None
+    elif confidence_classes.dim() != 2 or confidence_classes.shape[0] != targets.shape[0]:
+        raise ValueError("confidence_classes must be (B, k) class indices")
     criterion = criterion or F.cross_entropy
     use_student, use_teacher, threshold = task_type
     zero = images.new_zeros(())
@@ -81,7 +92,7 @@ def finetune_loss(
     loss_s = criterion(student_logits, targets) * task_weight[0] if use_student else zero
     if threshold:
         per_sample = ((teacher_cls.detach() - student_cls) ** 2).mean(dim=1)
-        confidence = student_logits.softmax(-1).gather(1, targets[:, None].long())[:, 0]
+        confidence = student_logits.softmax(-1).gather(1, confidence_classes.long()).sum(1)
         passed = (confidence > threshold).to(per_sample.dtype)
         # no host sync: zero when no sample passes (the public code skips the term)
         loss_c = (per_sample * passed).sum() / passed.sum().clamp_min(1) * task_weight[2]

@@ -1,3 +1,4 @@
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -43,3 +44,29 @@ def test_teacher_r_draws():
     fractions = [sample_teacher_r(0.3, g) for _ in range(100)]
     assert all(0 <= f < 0.3 for f in fractions)
     assert sample_teacher_r(0) == 0
+
+
+def test_soft_targets_with_confidence_classes():
+    """Mixup's soft targets: with one-hot targets and the labels as confidence classes, the
+    loss is the hard-target loss; two classes per sample sum their probabilities for the gate."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    model = tiny_patched().eval()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    soft = F.one_hot(y, 5).float()
+    hard = finetune_loss(model, x, y, task_type=(1, 1, 0.1), r_teacher=2)
+    out = finetune_loss(model, x, soft, task_type=(1, 1, 0.1), r_teacher=2, criterion=SoftTargetCrossEntropy(),
+                        confidence_classes=y[:, None])
+    torch.testing.assert_close(out.loss, hard.loss)
+    # a threshold only the summed probability of both classes passes
+    both = torch.stack([y, y.flip(0)], dim=1)
+    probs = out.student_logits.detach().softmax(-1)
+    threshold = float(probs.gather(1, y[:, None]).max()) + 1e-4
+    assert float(probs.gather(1, both).sum(1).max()) > threshold
+    one = finetune_loss(model, x, soft, task_type=(1, 1, threshold), r_teacher=2,
+                        criterion=SoftTargetCrossEntropy(), confidence_classes=y[:, None])
+    two = finetune_loss(model, x, soft, task_type=(1, 1, threshold), r_teacher=2,
+                        criterion=SoftTargetCrossEntropy(), confidence_classes=both)
+    assert one.loss_consistency.item() == 0.0 and two.loss_consistency.item() > 0
+    with pytest.raises(ValueError, match="confidence_classes"):
+        finetune_loss(model, x, soft, task_type=(1, 1, 0.4), criterion=SoftTargetCrossEntropy())
