@@ -22,7 +22,7 @@ from .ops import (
     merge,
     slot_index,
 )
-from .schedule import split_directions, tokens_to_remove
+from .schedule import split_directions, tokens_to_remove, tome_tokens_to_remove
 from .scores import scores_reference
 from .slots import SlotIndex, slot_index_reference
 
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
-    "tokens_to_remove", "split_directions",
+    "tokens_to_remove", "tome_tokens_to_remove", "split_directions",
     "match", "merge", "slot_index", "SlotIndex", "slot_index_reference", "attention_received", "fused_attention_output",
     "fusion_attention", "fused_attention_output_from", "FusionAttention",
     "attention_logits_reference", "fusion_attention_reference", "fused_attention_output_qk_reference",
