@@ -66,7 +66,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 def _match_impl(
     x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
     tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
-    dot_dtype: int, cosine: bool,
+    dot_dtype: int, cosine: bool = False,
 ) -> torch.Tensor:
     B, T, C = x.shape
     t1, t2 = (T + 1) // 2, T // 2
