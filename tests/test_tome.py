@@ -194,3 +194,57 @@ def test_training_backward():
         model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- compile, CUDA graphs, half precision
+ON_CUDA = torch.cuda.is_available()
+
+
+def _tome_tiny(device, dtype=torch.float32, r=16):
+    import timm
+
+    kw = dict(num_classes=10) if ON_CUDA else dict(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3,
+                                                   num_classes=10)
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, **kw)
+    return mctf.patch.timm(model, mctf.ToMeConfig(r=r if ON_CUDA else 6)).to(device=device, dtype=dtype).eval()
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_reference():
+    model = _tome_tiny("cuda" if ON_CUDA else "cpu")
+    images = torch.randn(2, 3, *model.patch_embed.img_size, device=next(model.parameters()).device)
+    with torch.no_grad(), mk.use_backend("reference"):
+        want = model(images)
+        got = torch.compile(model, fullgraph=True, backend="inductor" if ON_CUDA else "aot_eager")(images)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="half-precision Triton models, torch.compile of Triton ops and CUDA graphs need CUDA")
+def test_cuda_half_compile_and_graph_capture():
+    """fp16 ToMe on the kernels: the same token counts as the reference and logits within the
+    model's own half-vs-fp32 error; torch.compile(fullgraph) and a CUDA graph replay agree."""
+    model = _tome_tiny("cuda", torch.float16)
+    images = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        with mk.use_backend("reference"):
+            ref = model(images).float()
+        with mk.use_backend("triton"):
+            got = model(images).float()
+            compiled = torch.compile(model, fullgraph=True)(images).float()
+        fp32 = _tome_tiny("cuda")(images.float())
+    budget = (ref - fp32).abs().max().item()
+    assert (got - ref).abs().max().item() <= 3 * budget + 1e-2
+    torch.testing.assert_close(compiled, got, rtol=2e-2, atol=2e-2)
+    with torch.no_grad(), mk.use_backend("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(images)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(images)
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), got, rtol=1e-3, atol=1e-3)
