@@ -248,3 +248,33 @@ def test_cuda_half_compile_and_graph_capture():
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), got, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["registers", "layer_scale", "qk_norm", "avg_pool"])
+def test_triton_equals_reference_on_families(family, monkeypatch):
+    """Every merging block launches one match, one slot index and one merge kernel; the
+    kernels give the reference's token counts, sizes and sources exactly and its logits to
+    float32 rounding (the interpreter on CPU)."""
+    from mctf_kernels.triton import LAUNCHERS
+
+    model = _vit(**FAMILIES[family])
+    mctf.patch.timm(model, mctf.ToMeConfig.from_tome((10, -1.0), trace_source=True))  # r = 20, 13, 6, 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), mk.use_backend("reference"):
+        want = model(x)
+    s = model.mctf_state  # the same object after the next forward: keep its values
+    ref_tokens, ref_size, ref_source = list(s.tokens_per_block), s.size.clone(), s.source.clone()
+    calls = []
+    for name, fn in list(LAUNCHERS.items()):
+        monkeypatch.setitem(LAUNCHERS, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    with torch.no_grad(), mk.use_backend("triton"):
+        got = model(x)
+    state = model.mctf_state
+    merging = sum(1 for r in state.schedule if r > 0)
+    assert merging == 3 and sorted(calls) == sorted(["match", "slot_index", "merge"] * merging)
+    T = model.patch_embed.num_patches + model.num_prefix_tokens
+    assert state.tokens_per_block == ref_tokens == state.planned_tokens(T)
+    assert T - ref_tokens[-1] == 20 + 13 + 6
+    assert torch.equal(state.size, ref_size) and torch.equal(state.source, ref_source)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
