@@ -30,11 +30,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
-    "tokens_to_remove", "tome_tokens_to_remove", "split_directions",
+    "tokens_to_remove", "split_directions",
     "match", "merge", "slot_index", "SlotIndex", "slot_index_reference", "attention_received", "fused_attention_output",
     "fusion_attention", "fused_attention_output_from", "FusionAttention",
     "attention_logits_reference", "fusion_attention_reference", "fused_attention_output_qk_reference",
     "scores_reference", "match_reference", "match_from_scores_reference", "merge_reference",
     "pooling_weights", "attention_received_reference", "fused_attention_output_reference",
     "merged_attention_reference",
+    "tome_tokens_to_remove",
 ]

@@ -42,8 +42,8 @@ from .attention import (
 )
 from .match import _check_r, match_reference
 from .merge import merge_reference
-from .scores import check_score
 from .slots import SlotIndex, slot_index_reference
+from .scores import check_score
 
 _MAX_POOLING_REASON = "max pooling (mode 2) forms P' (no fused kernel)"
 
