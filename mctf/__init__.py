@@ -20,13 +20,13 @@ _LAZY = {
     "set_backend": "mctf_kernels", "use_backend": "mctf_kernels",
     "CheckpointMismatchError": "mctf.checkpoint", "CheckpointLoadError": "mctf.checkpoint",
     "load_checkpoint": "mctf.checkpoint",
-    "MCTF_TYPE_FIELDS": "mctf.config", "MCTFConfig": "mctf.config",
+    "MCTF_TYPE_FIELDS": "mctf.config", "MCTFConfig": "mctf.config", "ToMeConfig": "mctf.config",
     "UnsupportedModelError": "mctf.patch", "unpatch": "mctf.patch",
-    "MCTFState": "mctf.state",
+    "MCTFState": "mctf.state", "ToMeState": "mctf.state",
 }
 
 __all__ = [
-    "patch", "unpatch", "MCTFConfig", "MCTF_TYPE_FIELDS", "MCTFState", "load_checkpoint",
+    "patch", "unpatch", "MCTFConfig", "ToMeConfig", "ToMeState", "MCTF_TYPE_FIELDS", "MCTFState", "load_checkpoint",
     "CheckpointMismatchError", "CheckpointLoadError", "UnsupportedModelError",
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
 ]

@@ -158,3 +158,79 @@ def _preset_blocks(key: str, depth: int) -> Tuple[int, ...]:
         return tuple(range(1, depth))
     step = max(depth // 4, 1)
     return tuple(range(step, depth, step))
+
+
+@dataclasses.dataclass(frozen=True)
+class ToMeConfig:
+    """Token Merging (ToMe, Bolya et al., ICLR 2023) on the same ops (docs/algorithm.md,
+    "ToMe mode"): in every block, between the attention residual and the MLP, merge
+    ``r`` tokens by the raw cosine of the keys averaged over heads (one-directional
+    matching, size-weighted average).
+
+    r:            tokens merged per block: an int for every block (shaped by
+                  ``inflection``), or a sequence of ints, one per block (missing
+                  trailing blocks merge nothing); each is capped at half the
+                  mergeable tokens (``mctf_kernels.tome_tokens_to_remove``).
+    inflection:   with an int ``r``, ToMe's schedule: 0 constant, -1 decreasing from
+                  2r to 0, +1 increasing; any value in [-1, 1].
+    prop_attn:    proportional attention (log token size added to the attention logits).
+    trace_source: record which original patches each token holds (model.mctf_state.source).
+
+    ``ToMeConfig.from_tome(r)`` reads ToMe's own ``model.r`` forms: an int, a list, or
+    an ``(r, inflection)`` tuple.
+    """
+
+    r: Union[int, Tuple[int, ...]] = 16
+    inflection: float = 0.0
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        if _int(self.r):
+            if self.r < 0:
+                raise ValueError(f"r must be >= 0, got {self.r}")
+        elif isinstance(self.r, (list, tuple)):
+            if any(not _int(v) or v < 0 for v in self.r):
+                raise ValueError(f"a per-block r must hold ints >= 0, got {self.r!r}")
+            object.__setattr__(self, "r", tuple(self.r))
+        else:
+            raise ValueError(f"r must be an int or a sequence of ints (one per block), got {self.r!r}; "
+                             f"for ToMe's (r, inflection) use ToMeConfig.from_tome or inflection=")
+        if not _finite_number(self.inflection) or not -1 <= self.inflection <= 1:
+            raise ValueError(f"inflection must be a number in [-1, 1], got {self.inflection!r}")
+        if isinstance(self.r, tuple) and self.inflection != 0:
+            raise ValueError("inflection shapes an int r; a per-block r takes no inflection")
+        for name in ("prop_attn", "trace_source"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @classmethod
+    def from_tome(cls, r, **overrides) -> "ToMeConfig":
+        """From ToMe's ``model.r``: an int, a list (per block) or an ``(r, inflection)`` tuple."""
+        if isinstance(r, tuple):
+            if len(r) != 2:
+                raise ValueError(f"ToMe's tuple form is (r, inflection), got {r!r}")
+            return cls(r=r[0], inflection=r[1], **overrides)
+        return cls(r=r, **overrides)
+
+    def replace(self, **changes) -> "ToMeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def for_depth(self, depth: int) -> "ToMeConfig":
+        """This configuration, checked against a ``depth``-block model."""
+        self.schedule(depth)
+        return self
+
+    def schedule(self, depth: int) -> Tuple[int, ...]:
+        """The r of every block, before the per-layer cap (ToMe's own rule for the
+        inflection: ``int(lo + i * (hi - lo) / (depth - 1))`` from ``lo = int(r (1 - inflection))``
+        to ``hi = 2 r - lo``)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        if isinstance(self.r, tuple):
+            if len(self.r) > depth:
+                raise ValueError(f"r has {len(self.r)} entries but the model has {depth} blocks")
+            return self.r + (0,) * (depth - len(self.r))
+        lo = int(self.r * (1.0 - self.inflection))
+        hi = 2 * self.r - lo
+        step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
+        return tuple(int(lo + step * i) for i in range(depth))

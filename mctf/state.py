@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from mctf_kernels import tokens_to_remove
+from mctf_kernels import tokens_to_remove, tome_tokens_to_remove
 
 
 @dataclasses.dataclass
@@ -49,3 +49,16 @@ class MCTFState:
             num_tokens -= self.r_for_block(i, num_tokens)
             counts.append(num_tokens)
         return counts
+
+
+@dataclasses.dataclass
+class ToMeState(MCTFState):
+    """``MCTFState`` of a ToMe-patched model: ``schedule`` holds every block's r
+    (``ToMeConfig.schedule``), capped per block by ToMe's rule; ``r_override``, when
+    set, is one int r for every block."""
+
+    schedule: Tuple[int, ...] = ()
+
+    def r_for_block(self, index: int, num_tokens: int) -> int:
+        r = self.schedule[index] if self.r_override is None else self.r_override
+        return tome_tokens_to_remove(num_tokens, r, self.num_protected)

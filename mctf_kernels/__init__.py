@@ -22,7 +22,7 @@ from .ops import (
     merge,
     slot_index,
 )
-from .schedule import split_directions, tokens_to_remove
+from .schedule import split_directions, tokens_to_remove, tome_tokens_to_remove
 from .scores import scores_reference
 from .slots import SlotIndex, slot_index_reference
 
@@ -37,4 +37,5 @@ __all__ = [
     "scores_reference", "match_reference", "match_from_scores_reference", "merge_reference",
     "pooling_weights", "attention_received_reference", "fused_attention_output_reference",
     "merged_attention_reference",
+    "tome_tokens_to_remove",
 ]

@@ -20,7 +20,7 @@ import torch
 
 from ._checks import check_per_token, check_tokens
 from .schedule import split_directions
-from .scores import scores_reference
+from .scores import check_score, scores_reference
 
 
 def _check_r(r: int, num_tokens: int, num_protected: int) -> None:
@@ -108,18 +108,21 @@ def match_reference(
     tau_size: float = 40.0,
     num_protected: int = 1,
     bidirectional: bool = True,
+    score: str = "mctf",
 ) -> torch.Tensor:
-    """Eager score-and-match: the slot map (B, T) int64; the output has T - r tokens."""
+    """Eager score-and-match: the slot map (B, T) int64; the output has T - r tokens.
+    ``score="cosine"``: ToMe's raw cosine (docs/algorithm.md, "ToMe mode")."""
     check_tokens("x", x)
     B, T, _ = x.shape
     _check_r(r, T, num_protected)
     check_per_token("attn_received", attn_received, B, T, x.device)
     check_per_token("size", size, B, T, x.device)
+    check_score(score)
     if r == 0:
         return torch.arange(T, device=x.device).expand(B, T).clone()
     with torch.no_grad():  # the matching itself is not differentiated
         scores = scores_reference(
             x, attn_received, size, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
-            num_protected=num_protected,
+            num_protected=num_protected, score=score,
         )
         return match_from_scores_reference(scores, r, num_protected=num_protected, bidirectional=bidirectional)

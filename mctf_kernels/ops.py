@@ -43,6 +43,7 @@ from .attention import (
 from .match import _check_r, match_reference
 from .merge import merge_reference
 from .slots import SlotIndex, slot_index_reference
+from .scores import check_score
 
 _MAX_POOLING_REASON = "max pooling (mode 2) forms P' (no fused kernel)"
 
@@ -74,10 +75,17 @@ def match(
     tau_size: float = 40.0,
     num_protected: int = 1,
     bidirectional: bool = True,
+    score: str = "mctf",
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """Multi-criteria score + bipartite matching. Returns the slot map ``dest`` (B, T)
     int64; the fused output has ``T - r`` tokens (``r`` as from ``tokens_to_remove``).
+
+    ``score="cosine"`` scores pairs by the raw cosine of ``x`` alone (Token Merging's
+    score; ``x`` is then its metric, e.g. the keys averaged over heads): the
+    temperatures are not used and ``attn_received``/``size`` must be None. With
+    ``bidirectional=False`` and ``r`` from ``tome_tokens_to_remove`` this is ToMe's
+    matching, token order included (docs/algorithm.md, "ToMe mode").
 
     ``validate`` (default ``$MCTF_VALIDATE``): also check that ``x``, ``attn_received``
     and ``size`` are finite and sizes positive (a host sync). See docs/algorithm.md,
@@ -91,12 +99,15 @@ def match(
     check_per_token("size", size, B, T, x.device)
     for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
         check_temperature(name, tau)
+    check_score(score)
+    if score == "cosine" and (attn_received is not None or size is not None):
+        raise ValueError("score='cosine' uses neither attn_received nor size: pass None")
     if validation_requested(validate):
         check_finite("x", x)
         check_received("attn_received", attn_received)
         check_sizes_positive("size", size)
     kwargs = dict(tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
-                  num_protected=num_protected, bidirectional=bool(bidirectional))
+                  num_protected=num_protected, bidirectional=bool(bidirectional), score=score)
     limit = f"the Triton match kernel takes T <= {MATCH_MAX_TOKENS} tokens, got T={T}" if T > MATCH_MAX_TOKENS else None
     launcher = dispatch.select(
         "match", x.device, _reasons(limit, _interpreter_bf16_reason(x.device, (x, attn_received, size))))

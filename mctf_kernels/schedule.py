@@ -41,6 +41,22 @@ def tokens_to_remove(num_tokens: int, r: Number, num_protected: int = 1) -> int:
     return max(r, 0)
 
 
+def tome_tokens_to_remove(num_tokens: int, r: int, num_protected: int = 1) -> int:
+    """Tokens a Token Merging (ToMe) layer removes (docs/algorithm.md, "ToMe mode"):
+    ``min(r, (T - n_p) // 2)``, nothing when that is not positive. ``r`` is an int;
+    unlike ``tokens_to_remove`` there is no ``T - r < 10`` rule and no fraction."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {r!r}")
+    for name, value in (("num_tokens", num_tokens), ("num_protected", num_protected)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if num_protected < 0 or num_protected > num_tokens:
+        raise ValueError(f"num_protected must be in [0, num_tokens={num_tokens}], got {num_protected}")
+    return max(min(r, (num_tokens - num_protected) // 2), 0)
+
+
 def split_directions(r: int, bidirectional: bool) -> tuple[int, int]:
     """Tokens merged in stage 1 (A -> B) and stage 2 (B -> unmerged A)."""
     if bidirectional:

@@ -1,7 +1,8 @@
 """Multi-criteria scores between the A tokens (even) and B tokens (odd)
 (docs/algorithm.md, "Scores" and "Precision").
 
-score[a, b] = W_sim * W_info * W_size, returned in float32. Rows and columns of
+score[a, b] = W_sim * W_info * W_size, returned in float32; with ``score="cosine"``
+(docs/algorithm.md, "ToMe mode") it is the raw cosine alone. Rows and columns of
 protected prefix tokens are -inf so they are never a source nor a destination.
 The cosine runs in ``compute_dtype(x)``: float32, or the half dtype of autocast or
 of a half model, as the public code's evaluation (under CUDA autocast) computes it.
@@ -17,6 +18,15 @@ from ._checks import check_per_token, check_temperature, check_tokens
 # Clamp for norms and attention: a zero token or an underflowed attention
 # column must give a finite score, not NaN/inf (the public code divides by 0).
 EPS = 1e-12
+
+# "mctf": the multi-criteria product; "cosine": the raw cosine of ToMe (no (cos + 1) / 2,
+# no temperature, no informativeness or size factor)
+SCORES = ("mctf", "cosine")
+
+
+def check_score(score) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,12 +58,16 @@ def scores_reference(
     tau_info: float = 20.0,
     tau_size: float = 40.0,
     num_protected: int = 1,
+    score: str = "mctf",
 ) -> torch.Tensor:
     """Eager multi-criteria score matrix (B, ceil(T/2), floor(T/2)) in float32.
 
     x: (B, T, C) residual stream entering fusion. attn_received: (B, T) mean
     attention each token receives, or None (informativeness off). size: (B, T)
-    token sizes, or None ("no size yet": the size factor is 1).
+    token sizes, or None ("no size yet": the size factor is 1). ``score="cosine"``:
+    the raw cosine of x (the caller's metric, e.g. keys), computed in the same
+    dtype as the MCTF similarity; the temperatures are not used and attn_received
+    and size must be None.
     """
     check_tokens("x", x)
     B, T, _ = x.shape
@@ -65,12 +79,19 @@ def scores_reference(
         check_temperature(name, tau)
     if not 0 <= num_protected <= T:
         raise ValueError(f"num_protected must be in [0, T={T}], got {num_protected}")
+    check_score(score)
+    kind, score = score, None
+    if kind == "cosine" and (attn_received is not None or size is not None):
+        raise ValueError("score='cosine' uses neither attn_received nor size: pass None")
 
     xf = x.float()
     m = xf / xf.norm(dim=-1, keepdim=True).clamp_min(EPS)
     a, b = m[:, ::2], m[:, 1::2]
     t1, t2 = a.shape[1], b.shape[1]
-    if tau_sim:
+    if kind == "cosine":
+        cd = compute_dtype(x)
+        score = torch.matmul(a.to(cd), b.to(cd).transpose(1, 2)).float()
+    elif tau_sim:
         cd = compute_dtype(x)
         # Half precision: m rounded to cd, fp32-accumulated matmul rounded to cd (what
         # autocast's matmul does), then (cos + 1) / 2 and the clamp in cd, and pow in

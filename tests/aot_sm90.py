@@ -66,6 +66,7 @@ def main() -> int:
     # (1, 20, 40) and others reaching every pow path
     pow_modes = [(MK.POW_ONE, MK.POW_GENERAL, MK.POW_GENERAL), (MK.POW_SQRT, MK.POW_OFF, MK.POW_SQUARE),
                  (MK.POW_CUBE, MK.POW_GENERAL, MK.POW_OFF), (MK.POW_OFF, MK.POW_OFF, MK.POW_OFF)]
+    tome_modes = (MK.SIM_COSINE, MK.POW_OFF, MK.POW_OFF)
     for (T, C), dtype in itertools.product(((197, 384), (1370, 1280)), dtypes):
         t1, t2 = (T + 1) // 2, T // 2
         half = dtype != "fp32"
@@ -75,6 +76,8 @@ def main() -> int:
         # the preset's pow paths everywhere; the others (and no prefix token) once, in fp16 at DeiT-S
         variants = [(pow_modes[0], True)] + ([(m, p) for m in pow_modes for p in (False, True)][1:]
                                              if (T, dtype) == (197, "fp16") else [])
+        # ToMe's raw cosine (no other criterion) everywhere, without a prefix token once
+        variants += [(tome_modes, True)] + ([(tome_modes, False)] if (T, dtype) == (197, "fp16") else [])
         if cfg["fused"]:
             for (sim, info, size), prot in variants:
                 for bidir, remap in ((True, False), (False, False), (True, True)):

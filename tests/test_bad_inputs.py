@@ -54,6 +54,23 @@ def test_match_r_must_be_an_int(backend, r):
         mk.match(tokens(), r)
 
 
+@pytest.mark.parametrize("score", ["tome", None, 1])
+def test_match_score_kind(backend, score):
+    with pytest.raises(ValueError, match="score must be one of"):
+        mk.match(tokens(), 2, score=score)
+
+
+def test_match_cosine_takes_no_attention_or_size(backend):
+    for kw in (dict(attn_received=torch.rand(2, 9)), dict(size=torch.ones(2, 9))):
+        with pytest.raises(ValueError, match="neither attn_received nor size"):
+            mk.match(tokens(), 2, score="cosine", **kw)
+    # NaN and inf metrics: a valid map on both backends (ToMe's own code would give NaN scores)
+    x = tokens(T=11)
+    x[0, 3], x[1, 4] = NAN, INF
+    dest = mk.match(x, 5, score="cosine", bidirectional=False)
+    assert int(dest.min()) >= 0 and int(dest.max()) < 6
+
+
 def test_match_per_token_inputs(backend):
     x = tokens()
     with pytest.raises(ValueError, match="size must have shape"):

@@ -222,3 +222,13 @@ def test_table_flags_noisy_rows():
     assert "1.90x?" in lines[2] and "1.12?" in lines[2] and "5.0-20.0" in lines[2]
     assert "NOISY" not in lines[3] and "1.90x " in lines[3]
     assert "1 row(s) NOISY" in text and "no data loading" in text
+
+
+def test_tome_presets_side_by_side(tmp_path):
+    """ToMe and MCTF presets in one run, on the same providers: GFLOPs and tokens follow r."""
+    out = _run(tmp_path, "--presets", "baseline", "tome-r8", "tome-r16", "mctf", "--providers", "timm", "eager")
+    rows = {r["preset"]: r for r in out["rows"]}
+    assert set(rows) == {"baseline", "tome-r8", "tome-r16", "mctf"}
+    assert rows["tome-r8"]["provider"] == "eager" and not rows["tome-r8"].get("error")
+    # 17 tokens: both r are capped at half the mergeable tokens, so they merge alike
+    assert rows["baseline"]["gflops"] > rows["tome-r8"]["gflops"] == rows["tome-r16"]["gflops"]

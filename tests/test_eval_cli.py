@@ -296,3 +296,23 @@ def test_torchrun_two_processes_match_one(image_folder, public_checkpoint, tmp_p
         assert y["num_images"] == x["num_images"] == 10
         assert (y["correct1"], y["correct5"]) == (x["correct1"], x["correct5"])
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+
+
+def test_tome_preset(image_folder, public_checkpoint, tmp_path, capsys):
+    """--preset tome-r<N> evaluates Token Merging; --r replaces r in every block; the counts are the
+    ToMe-patched model's own."""
+    path, state_dict = public_checkpoint
+    out_json = tmp_path / "tome.json"
+    out = run_cli(BASE_ARGS + ["--data-path", str(image_folder), "--checkpoint", str(path), "--preset", "tome-r8",
+                               "--r", "8", "0", "--output", str(out_json)], capsys)
+    assert "tome r=8" in out.err
+    report = json.loads(out_json.read_text())
+    assert report["method"] == "tome" and report["mctf_type"] is None
+    r8, r0 = report["results"]
+    assert r8["tokens_per_block"] == [57, 49, 41, 33] and r0["tokens_per_block"] == [65] * 4
+    correct1, correct5, loss, _ = expected_correct(state_dict, image_folder, mctf.ToMeConfig(r=8))
+    assert (r8["correct1"], r8["correct5"]) == (correct1, correct5)
+    assert r8["loss"] == pytest.approx(loss, rel=1e-5)
+    _fails(BASE_ARGS + ["--data-path", str(image_folder), "--preset", "tome-r8", "--r", "0.5"], capsys, "whole number")
+    _fails(BASE_ARGS + ["--data-path", str(image_folder), "--preset", "tome-r8", "--activate-layer", "1"], capsys,
+           "every block")

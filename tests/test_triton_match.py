@@ -421,3 +421,64 @@ def test_torch_compile(device):
         got = torch.compile(g, fullgraph=True)(x, a, s)
     with torch.autocast("cuda", dtype=torch.float16):
         assert torch.equal(got, mctf_kernels.match(x, 32, a, s))
+
+
+# ---------------------------------------------------------------- ToMe's raw cosine score
+COSINE = [(5, 0, 64), (197, 1, 64), (198, 2, 64), (196, 0, 192), (577, 1, 64)]
+
+
+@pytest.mark.parametrize("T,num_protected,C", COSINE)
+def test_cosine_score(device, T, num_protected, C):
+    """score="cosine" (Token Merging): every r, both directions, against the reference."""
+    B = 1 if (T == 577 and not ON_CUDA) else 2
+    x = torch.randn(B, T, C, device=device)
+    for r in _r_values(T, num_protected):
+        for bidirectional in (False, True):
+            _check(x, r, num_protected=num_protected, bidirectional=bidirectional, score="cosine")
+
+
+@pytest.mark.parametrize("T", [197, 577])
+def test_cosine_exact_ties_and_gpu_configs(device, T):
+    """Quantised tokens (exact cosine ties, negative ones included) with the default and the
+    GPU launch configurations; zero and NaN tokens keep every slot in range."""
+    x = _tie_tokens(device, 1, T, 64)
+    before = triton_match.launch_count
+    for num_protected in (0, 1, 2):
+        _check(x, (T - num_protected) // 3, num_protected=num_protected, bidirectional=False, score="cosine")
+        with force_gpu_configs():
+            _check(x, (T - num_protected) // 2, num_protected=num_protected, bidirectional=False, score="cosine")
+    assert triton_match.launch_count - before == 6 * (1 if T <= 256 else 4)
+    y = torch.randn(1, T, 64, device=device)
+    y[0, 4] = 0
+    y[0, 9] = float("nan")
+    got = _check(y, (T - 1) // 2, num_protected=1, bidirectional=False, score="cosine")
+    assert int(got.max()) < T - (T - 1) // 2
+
+
+def _cosine64(x, num_protected):
+    xd = x.double()
+    m = xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    cos[:, : (num_protected + 1) // 2, :] = float("-inf")
+    cos[:, :, : num_protected // 2] = float("-inf")
+    return cos
+
+
+def test_cosine_half_precision(device):
+    """fp16 raw cosine: wherever kernel and reference disagree, the exact cosines of the two
+    choices are within twice the rounding bound of a half cosine (m rounded: 2u, the
+    result rounded: u/2, fp32 accumulation: C 2^-24)."""
+    dtype = torch.float16
+    differing = 0
+    for B, T, C in ([(2, 197, 64), (1, 577, 64)] if not ON_CUDA else [(3, 197, 384), (2, 577, 768)]):
+        x = torch.randn(B, T, C, device=device).to(dtype)
+        eps = 2 * (2.5 * _UNIT[dtype] + C * 2.0 ** -24)
+        for r in ((T - 1) // 2, (T - 1) // 4):
+            kw = dict(num_protected=1, bidirectional=False, score="cosine")
+            got = mctf_kernels.match(x, r, **kw)
+            want = match_reference(x, r, **kw)
+            s64 = _cosine64(x, 1)
+            for dest in (got, want):
+                _assert_near_optimal(dest, s64, r, eps)
+            differing += int((got != want).sum())
+    assert differing <= 0.02 * 2 * (2 * 197 + 577)

@@ -132,3 +132,11 @@ def test_cli_key_value_kwargs_and_demo(tmp_path):
     assert vz_cli.main(["--demo", "-m", "deit_tiny_patch16_224", "--model-kwargs", *kv, "--num-classes", "3",
                         "-o", str(out)]) == 0
     assert Image.open(out).size[0] > 64
+
+
+def test_cli_tome_preset(tmp_path, capsys):
+    """Token Merging's regions: --preset tome-r<N>, --r replacing N."""
+    out = tmp_path / "tome.png"
+    assert vz_cli.main(["--demo"] + CLI_MODEL + ["--preset", "tome-r8", "--r", "6", "--layers", "3",
+                                                 "--output", str(out)]) == 0
+    assert "block 3: 41" in capsys.readouterr().err  # 65 tokens, 6 merged in each of 4 blocks

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=sorted(SUITES),
                    help="paper: DeiT-T/S/B@224 and ViT-L/16@384, batch 256 (64 for ViT-L), fp16 and bf16 autocast; "
                         "default: none")
-    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS,
-                   help="baseline is the unpatched timm model; mctf and mctf-fast are MCTFConfig.preset(...)")
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS + common.TOME_PRESETS,
+                   help="baseline is the unpatched timm model; mctf and mctf-fast are MCTFConfig.preset(...); "
+                        "tome-r<N> is Token Merging (ToMeConfig(r=N)) on the same kernels")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS,
                    help=f"timm runs the baseline, the others MCTF; default: {' '.join(DEFAULT_PROVIDERS)} "
                         f"(triton skipped without CUDA)")

@@ -30,7 +30,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 # the same names as mctf_kernels.BACKENDS (a test keeps them equal); repeated here so
 # that building a parser does not import torch
 BACKENDS = ("auto", "reference", "triton")
-PRESETS = ("mctf", "mctf-fast", "baseline")
+# Token Merging (mctf.ToMeConfig) at r tokens in every block: "tome-r<r>"
+TOME_PRESETS = ("tome-r8", "tome-r13", "tome-r16")
+PRESETS = ("mctf", "mctf-fast", "baseline") + TOME_PRESETS
 DEFAULT_CROP_PCT = 0.875  # the public code's (DeiT's) eval crop ratio
 BACKEND_ENV = "MCTF_BACKEND"
 
@@ -148,7 +150,8 @@ def add_config_arguments(p, r_help: str) -> None:
     g = p.add_argument_group("MCTF configuration")
     g.add_argument("--preset", choices=PRESETS, default=None,
                    help="mctf: r=16 on blocks 1..depth-1; mctf-fast: r=0.35 on every (depth//4)-th block; "
-                        "baseline: the unpatched timm model; default: mctf")
+                        "baseline: the unpatched timm model; tome-r<N>: Token Merging, r=N in every block; "
+                        "default: mctf")
     g.add_argument("--mctf-type", nargs="+", metavar="V",
                    help="the public code's --mctf_type list, 11 numbers (r r_teacher_max trace_source prop_attn "
                         "one_step_ahead tau_sim tau_info tau_size bidirection pooling_type 0); replaces --preset; "
@@ -337,6 +340,14 @@ def build_config(args, depth: int):
             config = mctf.MCTFConfig.from_mctf_type(values, activate_layer=args.activate_layer)
         except ValueError as exc:
             raise UsageError(f"--mctf-type: {exc}") from None
+    elif args.preset in TOME_PRESETS:
+        if args.activate_layer is not None:
+            raise UsageError("ToMe presets merge in every block: --activate-layer is an MCTF option")
+        if args.r is not None:
+            bad = [v for v in parse_r_values(args.r) if not isinstance(v, int)]
+            if bad:
+                raise UsageError(f"--r: ToMe merges a whole number of tokens per block, got {bad}")
+        return preset_config(args.preset, depth)
     elif args.preset == "baseline":
         if args.r is not None or args.activate_layer is not None:
             raise UsageError("--preset baseline runs the unpatched model: it takes no --r or --activate-layer "
@@ -359,7 +370,29 @@ def build_config(args, depth: int):
 def preset_config(preset: str, depth: int, **overrides):
     import mctf
 
+    if preset in TOME_PRESETS:
+        return mctf.ToMeConfig(r=int(preset[len("tome-r"):]), **overrides)
     return None if preset == "baseline" else mctf.MCTFConfig.preset(preset, depth=depth, **overrides)
+
+
+def describe_config(config) -> str:
+    """One line for logs: the MCTF list and blocks, or the ToMe settings."""
+    import mctf
+
+    if config is None:
+        return "baseline (unpatched)"
+    if isinstance(config, mctf.ToMeConfig):
+        return (f"tome r={config.r} inflection={config.inflection} prop_attn={config.prop_attn} "
+                f"(every block)")
+    layers = list(config.layers) if config.layers is not None else "all"
+    return f"mctf_type={config.to_mctf_type()} layers={layers}"
+
+
+def mctf_type_of(config):
+    """The public MCTF code's list for an MCTF config; None for ToMe or the baseline."""
+    import mctf
+
+    return config.to_mctf_type() if isinstance(config, mctf.MCTFConfig) else None
 
 
 def check_supported(name: str, kwargs: Dict, config_for: Callable) -> None:

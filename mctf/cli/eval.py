@@ -289,9 +289,7 @@ def run(args, parsed: Dict) -> Tuple[Dict, bool]:
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False,
     )
     if main_rank:
-        cfg_text = ("baseline (unpatched)" if config is None else
-                    f"mctf_type={config.to_mctf_type()} layers="
-                    f"{list(config.layers) if config.layers is not None else 'all'}")
+        cfg_text = common.describe_config(config)
         log(f"mctf-eval: {args.model} on {device} x{world}, {len(dataset)} images in {len(dataset.classes)} "
             f"classes, amp={args.amp or 'off'}, backend={mctf.get_backend()}, compile={args.compile}, {cfg_text}")
         log(f"mctf-eval: data {data_config}")
@@ -313,7 +311,7 @@ def run(args, parsed: Dict) -> Tuple[Dict, bool]:
         label = f"{i}:{r}"
         configs[label] = pass_config
         results.append(dict(
-            r=r, mctf_type=None if pass_config is None else pass_config.to_mctf_type(),
+            r=r, mctf_type=common.mctf_type_of(pass_config),
             top1=100.0 * correct1 / count, top5=100.0 * correctk / count, loss=loss_sum / count, gflops=gflops,
             tokens_per_block=tokens, num_images=int(count), correct1=int(correct1), correct5=int(correctk),
             images_per_s=None, label=label,
@@ -337,8 +335,9 @@ def run(args, parsed: Dict) -> Tuple[Dict, bool]:
         data_path=os.path.abspath(args.data_path), num_images=len(dataset), num_classes=num_classes,
         dataset_classes=len(dataset.classes), topk=topk,
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        mctf_type=None if config is None else config.to_mctf_type(),
-        activate_layer=None if config is None or config.layers is None else list(config.layers),
+        mctf_type=common.mctf_type_of(config),
+        activate_layer=None if getattr(config, "layers", None) is None else list(config.layers),
+        method=None if config is None else ("tome" if common.mctf_type_of(config) is None else "mctf"),
         amp=args.amp, compile=args.compile, device=str(device), device_name=common.device_name(device),
         world_size=world, batch_size=args.batch_size, backend=mctf.get_backend(), timing=parsed["timing"],
         results=results, torch=torch.__version__, timm=timm.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"),

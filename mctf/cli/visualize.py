@@ -59,7 +59,7 @@ def run(args) -> list:
         raise UsageError(f"--output must be a .png file, got {args.output}")
     common.check_output_path(args.output)
     if args.preset == "baseline":
-        raise UsageError("--preset baseline fuses nothing: choose mctf or mctf-fast (or --mctf-type)")
+        raise UsageError("--preset baseline fuses nothing: choose mctf, mctf-fast or tome-r<N> (or --mctf-type)")
     if args.r is not None and len(args.r) != 1:
         raise UsageError("mctf-visualize takes one --r value")
     r_values = common.parse_r_values(args.r) if args.r is not None else None

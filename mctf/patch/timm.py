@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import mctf_kernels as mk
-from mctf.config import MCTFConfig
+from mctf.config import MCTFConfig, ToMeConfig
 from mctf.state import MCTFState
 
 try:  # timm is a model-layer dependency only
@@ -210,6 +210,11 @@ class MCTFBlock(TimmBlock):
         return x
 
 
+# block classes a patch puts in (ToMe adds its own, mctf/patch/tome.py): re-patching and
+# unpatch accept them
+PATCHED_BLOCKS = {MCTFBlock}
+
+
 # ---------------------------------------------------------------------------
 # the patched model
 
@@ -320,7 +325,7 @@ def _check_supported(model) -> None:
     if model.num_prefix_tokens == 0 and model.global_pool == "token":
         raise UnsupportedModelError("global_pool='token' needs a class token")
     for i, blk in enumerate(model.blocks):
-        if type(blk) not in (TimmBlock, MCTFBlock):
+        if type(blk) is not TimmBlock and type(blk) not in PATCHED_BLOCKS:
             raise UnsupportedModelError(
                 f"block {i} is a {type(blk).__name__}; only timm's standard pre-norm Block is supported"
             )
@@ -336,10 +341,16 @@ def patch_timm(model, config: Optional[MCTFConfig] = None):
     Patching an already patched model replaces its configuration. ``model.mctf_config``
     is ``config`` with its blocks fixed for this model's depth (a preset made without
     ``depth`` fuses 1..depth-1, or every (depth // 4)-th block for "mctf-fast").
+    An ``mctf.ToMeConfig`` patches the blocks for Token Merging instead (``mctf/patch/tome.py``).
     """
     config = MCTFConfig() if config is None else config
+
+    if isinstance(config, ToMeConfig):  # Token Merging on the same ops: its own blocks
+        from mctf.patch.tome import patch_tome
+
+        return patch_tome(model, config)
     if not isinstance(config, MCTFConfig):
-        raise TypeError(f"config must be an mctf.MCTFConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be an mctf.MCTFConfig or mctf.ToMeConfig, got {type(config).__name__}")
     _check_supported(model)
     depth = len(model.blocks)
     config = config.for_depth(depth)  # a preset's blocks follow this model's depth
@@ -365,7 +376,7 @@ def unpatch(model):
     for name in ("mctf_state", "mctf_config"):
         model.__dict__.pop(name, None)
     for blk in model.blocks:
-        if isinstance(blk, MCTFBlock):
+        if type(blk) in PATCHED_BLOCKS:
             blk.__class__ = TimmBlock
             for name in ("_mctf_index", "_mctf_state"):
                 blk.__dict__.pop(name, None)

@@ -45,6 +45,9 @@ POW_SQRT = 2
 POW_SQUARE = 3
 POW_CUBE = 4
 POW_GENERAL = 5
+# SIM_MODE only: the similarity is the raw cosine, no (cos + 1) / 2 and no power (ToMe's
+# score, docs/algorithm.md "ToMe mode"); the launcher turns the other criteria off
+SIM_COSINE = 6
 
 # Clamp of norms and attention, as in mctf_kernels.scores.EPS.
 EPS = tl.constexpr(1e-12)
@@ -88,6 +91,12 @@ def _pow(base, e, MODE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
 def _sim_from_dot(acc, e_sim, SIM_MODE: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
                   HALF: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """W_sim from the fp32-accumulated cosine, with the reference's roundings."""
+    if SIM_MODE == 6:  # SIM_COSINE: the cosine itself, rounded like the reference's matmul
+        if HALF:
+            out = acc.to(DOT_DTYPE).to(tl.float32)
+        else:
+            out = acc
+        return out
     if HALF:
         # Each op of ((cos + 1) / 2).clamp_min(0) rounds to the compute dtype, as
         # torch's elementwise ops on half tensors do; halving is exact.

@@ -26,7 +26,7 @@ from .._checks import check_per_token, check_temperature, check_tokens
 from ..dispatch import interpreter_enabled
 from ..match import _check_r
 from ..schedule import split_directions
-from ..scores import compute_dtype
+from ..scores import check_score, compute_dtype
 from . import LAUNCHERS
 from . import _match_kernel as K
 from ._common import custom_op, wrap
@@ -66,13 +66,13 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 def _match_impl(
     x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
     tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
-    dot_dtype: int,
+    dot_dtype: int, cosine: bool = False,
 ) -> torch.Tensor:
     B, T, C = x.shape
     t1, t2 = (T + 1) // 2, T // 2
     r1, r2 = split_directions(r, bidirectional)
     dev = x.device
-    sim_mode, e_sim = _pow_mode(tau_sim, True)
+    sim_mode, e_sim = (K.SIM_COSINE, 1.0) if cosine else _pow_mode(tau_sim, True)
     info_mode, e_info = _pow_mode(tau_info, attn_received is not None)
     size_mode, e_size = _pow_mode(tau_size, size is not None)
     half = dot_dtype != 0
@@ -152,9 +152,11 @@ def match_triton(
     tau_size: float = 40.0,
     num_protected: int = 1,
     bidirectional: bool = True,
+    score: str = "mctf",
 ) -> torch.Tensor:
     """Fused score-and-match; equals ``match_reference`` (slot map (B, T) int64):
-    exactly for float32, up to near-ties in half precision (docs/algorithm.md, "Precision")."""
+    exactly for float32, up to near-ties in half precision (docs/algorithm.md, "Precision").
+    ``score="cosine"``: ToMe's raw cosine (no attn_received, no size)."""
     check_tokens("x", x)
     B, T, C = x.shape
     _check_r(r, T, num_protected)
@@ -162,6 +164,10 @@ def match_triton(
     check_per_token("size", size, B, T, x.device)
     for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
         check_temperature(name, tau)
+    check_score(score)
+    cosine = score == "cosine"
+    if cosine and (attn_received is not None or size is not None):
+        raise ValueError("score='cosine' uses neither attn_received nor size: pass None")
     if r == 0:
         return torch.arange(T, device=x.device).expand(B, T).clone()
     if not 0 <= num_protected <= T:
@@ -173,7 +179,7 @@ def match_triton(
     if x.device.type == "cpu" and not interpreter_enabled():
         raise ValueError("the Triton match kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     return _match_op(x, r, attn_received, size, float(tau_sim), float(tau_info), float(tau_size),
-                     int(num_protected), bool(bidirectional), _DTYPE_CODES[compute_dtype(x)])
+                     int(num_protected), bool(bidirectional), _DTYPE_CODES[compute_dtype(x)], cosine)
 
 
 LAUNCHERS["match"] = match_triton
