@@ -420,3 +420,26 @@ def test_resume_of_another_models_run_is_refused(run, data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "mctf-train: error: --resume: checkpoint" in err and "head.weight" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_consistency_only(data, tmp_path):
+    """--task-type 0 0 C trains the class token's consistency alone: the classifier gets no gradient,
+    which DDP must be told about (else it fails at the second step); its weights stay as
+    initialised (no gradient: AdamW skips them, weight decay included, as in one process)."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mctf.cli.train", *map(str, BASE), "--data-path", str(data), "-b", "4", "--output", str(out),
+           "--epochs", "1", "--task-type", "0", "0", "0.01"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epoch = [r for r in read_log(out) if r["event"] == "epoch"]
+    assert len(epoch) == 1 and epoch[0]["steps"] == 6 and epoch[0]["loss_consistency"] > 0
+    assert epoch[0]["loss_student"] == epoch[0]["loss_teacher"] == 0
+    torch.manual_seed(0)  # mctf-train's init: --seed 0 before the model is built
+    init = tiny().state_dict()
+    saved = ckpt(out / "checkpoint.pth")["model"]
+    for name in ("head.weight", "head.bias"):
+        assert torch.equal(saved[name], init[name]), name
+    assert not torch.equal(saved["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])

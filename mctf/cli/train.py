@@ -704,8 +704,11 @@ def setup(args, parsed: Dict) -> Dict:
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     step = _step_module(model, tuple(args.task_type), tuple(args.task_weight), criterion)
     if world > 1:
+        # the consistency term alone (--task-type 0 0 C) leaves the classifier without gradients:
+        # DDP must look for unused parameters then (it leaves their grads None, as one process does)
         step = torch.nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None)
+            step, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not (args.task_type[0] or args.task_type[1]))
 
     ctx = dict(args=args, model=model, step=step, config=config, device=device, rank=rank, world=world,
                loader=loader, val_loader=val_loader, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
