@@ -237,12 +237,18 @@ def _bad(tmp_path, data):
         "run exists": (["--output", taken], "already holds a run"),
         "resume of weights only": (["--resume", plain], "not an mctf-train checkpoint"),
         "unknown model": (["-m", "vit_nope"], "unknown timm model"),
+        "unknown augmentation": (["--aa", "rand-q9"], "--aa 'rand-q9'"),
+        "unknown erasing mode": (["--remode", "blur"], "argument --remode: invalid choice"),
+        "unknown interpolation": (["--train-interpolation", "cubic"], "--train-interpolation 'cubic'"),
+        "EMA decay": (["--model-ema-decay", "1.5"], "--model-ema-decay must be in [0, 1]"),
+        "clip-grad": (["--clip-grad", "0"], "--clip-grad must be"),
     }
 
 
 BAD = ["missing data", "no val split", "class mismatch", "another model", "odd batch with mixup",
        "batch over the data", "negative r", "fractional r > 1", "bad teacher r", "mctf-type r", "threshold",
-       "no loss", "run exists", "resume of weights only", "unknown model"]
+       "no loss", "run exists", "resume of weights only", "unknown model", "unknown augmentation",
+       "unknown erasing mode", "unknown interpolation", "EMA decay", "clip-grad"]
 
 
 @pytest.mark.parametrize("case", BAD)

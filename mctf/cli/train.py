@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="auto-augment policy; 'none' for none")
     g.add_argument("--train-interpolation", default="bicubic", help="train resize interpolation")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
     g.add_argument("--aug-repeats", type=int, default=3,
                    help="repeated augmentation: copies of each image per epoch, on different ranks (1 = off)")
@@ -198,6 +198,10 @@ def check_args(args) -> Dict:
     for name in ("drop", "drop_path", "reprob", "hflip", "mixup_prob", "mixup_switch_prob"):
         if not 0 <= getattr(args, name) <= 1:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if not 0 <= args.model_ema_decay <= 1:
+        raise UsageError("--model-ema-decay must be in [0, 1]")
+    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
+        raise UsageError("--clip-grad must be a finite number > 0")
     if args.smoothing >= 1:
         raise UsageError("--smoothing must be in [0, 1)")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
@@ -645,12 +649,17 @@ def setup(args, parsed: Dict) -> Dict:
 
     # data: timm's train transform, mctf-eval's folder checks and validation shards
     data_config = common.data_config_for(model, args.crop_pct)
-    train_tf = keep_zero_bit_posterize(create_transform(
-        input_size=data_config["input_size"], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
-        ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter,
-        auto_augment=None if args.aa in ("none", "") else args.aa, interpolation=args.train_interpolation,
-        mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount))
+    try:
+        train_tf = keep_zero_bit_posterize(create_transform(
+            input_size=data_config["input_size"], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
+            ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter,
+            auto_augment=None if args.aa in ("none", "") else args.aa, interpolation=args.train_interpolation,
+            mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount))
+    except (AssertionError, KeyError, ValueError) as exc:  # timm's own checks of these names
+        raise UsageError(f"timm cannot build the train augmentation from --aa {args.aa!r} and --train-interpolation "
+                         f"{args.train_interpolation!r}: {exc.__class__.__name__}"
+                         + (f": {exc}" if str(exc) else "")) from None
     train_root = os.path.join(args.data_path, args.train_split)
     images = build_dataset(train_root, train_tf)
     train_set = SeededSamples(images, args.seed, max(1, args.aug_repeats))
