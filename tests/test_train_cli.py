@@ -66,9 +66,9 @@ def train(args, capsys=None):
     return capsys.readouterr() if capsys else None
 
 
-def tiny(num_classes=3, **extra):
+def tiny(num_classes=3, model=MODEL, **extra):
     kwargs = {k: int(v) for k, v in (kv.split("=") for kv in KWARGS)}
-    return timm.create_model(MODEL, pretrained=False, num_classes=num_classes, **kwargs, **extra)
+    return timm.create_model(model, pretrained=False, num_classes=num_classes, **{**kwargs, **extra})
 
 
 def ckpt(path):
@@ -221,6 +221,12 @@ def _bad(tmp_path, data):
     shutil.copytree(data / "train", noval / "train")
     plain = tmp_path / "plain.pth"
     torch.save(tiny().state_dict(), plain)
+    wider, patch16, text = tmp_path / "wider.pth", tmp_path / "patch16.pth", tmp_path / "text.pth"
+    torch.save({"model": tiny(num_classes=5, embed_dim=48).state_dict()}, wider)
+    torch.save({"model": tiny(patch_size=16).state_dict()}, patch16)  # a 4x4 grid: resampled, but the patch
+    text.write_text("not a checkpoint")                                # projection does not fit
+    oblong = tmp_path / "oblong.pth"
+    torch.save({**tiny().state_dict(), "pos_embed": torch.zeros(1, 1 + 50, 32)}, oblong)
     return {
         "missing data": (["--data-path", tmp_path / "nope"], "no such directory"),
         "no val split": (["--data-path", noval], "has no val/ folder"),
@@ -242,13 +248,21 @@ def _bad(tmp_path, data):
         "unknown interpolation": (["--train-interpolation", "cubic"], "--train-interpolation 'cubic'"),
         "EMA decay": (["--model-ema-decay", "1.5"], "--model-ema-decay must be in [0, 1]"),
         "clip-grad": (["--clip-grad", "0"], "--clip-grad must be"),
+        "finetune of another width": (["--finetune", wider], "does not fit VisionTransformer beyond its classifier"),
+        "finetune of another patch size": (["--finetune", patch16], "patch_embed.proj.weight: checkpoint"),
+        "finetune of no checkpoint": (["--finetune", text], "--finetune: checkpoint"),
+        "finetune and a second start": (["--finetune", plain, "--initial-checkpoint", plain], "give one start"),
+        "finetune missing": (["--finetune", tmp_path / "none.pth"], "--finetune: no such file"),
+        "finetune of a non-square grid": (["--finetune", oblong], "is not 1 prefix token(s) and a square patch grid"),
     }
 
 
 BAD = ["missing data", "no val split", "class mismatch", "another model", "odd batch with mixup",
        "batch over the data", "negative r", "fractional r > 1", "bad teacher r", "mctf-type r", "threshold",
        "no loss", "run exists", "resume of weights only", "unknown model", "unknown augmentation",
-       "unknown erasing mode", "unknown interpolation", "EMA decay", "clip-grad"]
+       "unknown erasing mode", "unknown interpolation", "EMA decay", "clip-grad", "finetune of another width",
+       "finetune of another patch size", "finetune of no checkpoint", "finetune and a second start",
+       "finetune missing", "finetune of a non-square grid"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -449,3 +463,71 @@ def test_torchrun_consistency_only(data, tmp_path):
     for name in ("head.weight", "head.bias"):
         assert torch.equal(saved[name], init[name]), name
     assert not torch.equal(saved["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("model, extra", [
+    (MODEL, {}),
+    ("deit_tiny_distilled_patch16_224", {}),  # 2 prefix tokens, two classifiers
+    (MODEL, {"reg_tokens": 2, "no_embed_class": True}),  # the position embedding covers the patches only
+])
+def test_finetune_adapts_classifier_and_position_embedding(model, extra, tmp_path):
+    """Weights of a 5-class model at 32 px (4x4 patches) into a 3-class one at 64 px (8x8): the
+    classifiers keep their init, the position embedding is what timm's own weight adaptation
+    makes of it, every other tensor is the checkpoint's."""
+    torch.manual_seed(0)
+    src = tiny(num_classes=5, model=model, img_size=32, **extra)
+    path = tmp_path / "src.pth"
+    torch.save({"model": src.state_dict(), "epoch": 3}, path)  # the public format
+    torch.manual_seed(1)
+    dst = tiny(model=model, **extra)
+    init = {k: v.clone() for k, v in dst.state_dict().items()}
+    notes = train_cli.load_finetune(dst, str(path))
+    heads = train_cli._classifier_keys(dst)
+    assert heads == ([f"{h}.{p}" for h in ("head", "head_dist") for p in ("weight", "bias")] if "distilled" in model
+                     else ["head.weight", "head.bias"])
+    assert len(notes) == 2 and "head.weight (5, 32) -> (3, 32)" in notes[0] and "4x4 to the model's 8x8" in notes[1]
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    expected = checkpoint_filter_fn(src.state_dict(), dst)["pos_embed"]
+    got, want = dst.state_dict(), src.state_dict()
+    assert got["pos_embed"].shape == init["pos_embed"].shape
+    torch.testing.assert_close(got["pos_embed"], expected, rtol=0, atol=0)
+    for name, value in got.items():
+        if name in heads:
+            assert torch.equal(value, init[name]), name
+        elif name != "pos_embed":
+            assert torch.equal(value, want[name]), name
+
+
+def test_finetune_of_matching_or_headless_weights(tmp_path):
+    """Weights that fit load as they are (nothing to say); weights without a classifier (a
+    feature extractor) leave it at its init, and say so."""
+    src = tiny()
+    path = tmp_path / "same.pth"
+    torch.save(src.state_dict(), path)
+    dst = tiny()
+    assert train_cli.load_finetune(dst, str(path)) == []
+    assert_same(dst.state_dict(), src.state_dict())
+    headless = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    torch.save({"model": headless}, path)
+    dst = tiny()
+    init = dst.head.weight.clone()
+    assert train_cli.load_finetune(dst, str(path)) == [
+        "the checkpoint has no head.weight, head.bias: initialised at random and trained from scratch"]
+    assert torch.equal(dst.head.weight, init) and torch.equal(dst.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+
+
+def test_finetune_run_from_another_dataset_and_size(data, tmp_path, capsys):
+    """mctf-train --finetune from a 1000-class 32 px model: the run says what it adapted, logs it,
+    trains, and its checkpoint is the 3-class 64 px model's."""
+    src = tmp_path / "imagenet32.pth"
+    torch.save({"model": tiny(num_classes=1000, img_size=32).state_dict()}, src)
+    out = tmp_path / "out"
+    err = train(BASE + ["--data-path", data, "-b", "8", "--epochs", "1", "--output", out, "--finetune", src],
+                capsys).err
+    assert f"mctf-train: --finetune {src}: dropped the checkpoint's classifier (head.weight (1000, 32) -> (3, 32)" \
+        in err and "resampled the position embedding from a 4x4 to the model's 8x8 patch grid" in err, err
+    log = read_log(out)
+    assert len(log[0]["finetune"]) == 2 and log[0]["args"]["finetune"] == str(src)
+    assert [r["event"] for r in log] == ["start", "epoch", "end"]
+    mctf.load_checkpoint(tiny(), str(out / "checkpoint.pth"))  # strictly: the 3-class 64 px model

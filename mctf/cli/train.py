@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (downloads them)")
     g.add_argument("--initial-checkpoint", help="start from these weights (the public MCTF format or a plain "
                                                 "state_dict, loaded strictly); default: none")
+    g.add_argument("--finetune", metavar="PATH",
+                   help="start from these weights adapted to the model, as the public --finetune: a classifier of "
+                        "another shape is dropped (trained from scratch), the absolute position embedding is "
+                        "resampled to the model's patch grid (timm's resample_abs_pos_embed); anything else must "
+                        "match. For weights of another dataset (classes) or image size; default: none")
     g.add_argument("--resume", help="continue a run from its checkpoint.pth (weights, optimizer, schedule, loss "
                                     "scaler, EMA, epoch); default: none")
     g.add_argument("--num-classes", type=int, help="classifier outputs; default: the number of train class folders")
@@ -248,14 +253,16 @@ def check_args(args) -> Dict:
         raise UsageError(f"--data-path: {args.train_split}/ and {args.val_split}/ must hold the same class folders "
                          f"(class i is the i-th name in sorted order); only in {args.train_split}: "
                          f"{only_train[:5]}, only in {args.val_split}: {only_val[:5]}")
-    for option in ("initial_checkpoint", "resume"):
+    for option in ("initial_checkpoint", "finetune", "resume"):
         path = getattr(args, option)
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"--{option.replace('_', '-')}: no such file: {path}")
-    if args.initial_checkpoint and args.resume:
-        raise UsageError("give --initial-checkpoint (new run) or --resume (continue a run), not both")
-    if args.pretrained and (args.initial_checkpoint or args.resume):
-        raise UsageError("--pretrained starts from timm's weights: drop it with --initial-checkpoint or --resume")
+    starts = [o for o, v in (("--pretrained", args.pretrained), ("--initial-checkpoint", args.initial_checkpoint),
+                             ("--finetune", args.finetune), ("--resume", args.resume)) if v]
+    if len(starts) > 1:
+        raise UsageError(f"give one start, not {' and '.join(starts)}: --pretrained (timm's weights), "
+                         f"--initial-checkpoint (a file, loaded strictly), --finetune (a file, classifier and "
+                         f"position embedding adapted) or --resume (continue a run)")
     output = args.output or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
                              else os.path.join("output", args.model))
     existing = os.path.join(output, CHECKPOINT)
@@ -598,6 +605,79 @@ def load_resume(ctx, path: str) -> int:
     return int(obj["epoch"]) + 1, vars(saved) if isinstance(saved, argparse.Namespace) else {}
 
 
+def _classifier_keys(model) -> List[str]:
+    """The state_dict keys of the model's classifier(s) (timm's pretrained_cfg names them:
+    ``head``, or ``head`` and ``head_dist`` for the distilled DeiTs)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return [k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)]
+
+
+def load_finetune(model, path: str) -> List[str]:
+    """Load ``path`` into the unpatched timm ``model`` as the public fine-tuning does: a
+    classifier whose shapes differ (or that the file lacks) is left at its random init, the
+    absolute position embedding is resampled to the model's patch grid with timm's
+    ``resample_abs_pos_embed`` (bicubic, antialiased, as timm adapts its own weights); any other
+    missing, unexpected or differently shaped key is a UsageError naming them. Returns what was
+    adapted, one sentence each."""
+    from timm.layers import resample_abs_pos_embed
+
+    from mctf.checkpoint import CheckpointLoadError, CheckpointMismatchError, _extract_state_dict, _load
+
+    try:
+        state = dict(_extract_state_dict(_load(path, "cpu"), path))
+    except (CheckpointLoadError, CheckpointMismatchError) as exc:
+        raise UsageError(f"--finetune: {exc}") from None
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    notes = []
+
+    head = _classifier_keys(model)
+    dropped = [k for k in head if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    absent = [k for k in head if k not in state]
+    if dropped:
+        shapes = ", ".join(f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in dropped)
+        notes.append(f"dropped the checkpoint's classifier ({shapes}): initialised at random and trained from "
+                     f"scratch")
+        for k in dropped:
+            del state[k]
+    if absent:
+        notes.append(f"the checkpoint has no {', '.join(absent)}: initialised at random and trained from scratch")
+
+    pos, own_pos = state.get("pos_embed"), own.get("pos_embed")
+    # another token count at the same width: resampled; another width falls to the mismatch list below
+    if (pos is not None and own_pos is not None and pos.dim() == 3 and pos.shape[0] == 1
+            and pos.shape[2] == own_pos.shape[2] and pos.shape[1] != own_pos.shape[1]):
+        # the tokens with a position embedding of their own: timm's rule (no_embed_class models
+        # embed the patches only)
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        grid = tuple(model.patch_embed.grid_size)
+        side = math.isqrt(max(pos.shape[1] - prefix, 0))
+        if side == 0 or side * side != pos.shape[1] - prefix:
+            raise UsageError(f"--finetune: {path}: pos_embed {tuple(pos.shape)} is not {prefix} prefix token(s) "
+                             f"and a square patch grid: it cannot be resampled to the model's "
+                             f"{tuple(own_pos.shape)}")
+        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side],
+                                                    num_prefix_tokens=prefix)
+        notes.append(f"resampled the position embedding from a {side}x{side} to the model's {grid[0]}x{grid[1]} "
+                     f"patch grid")
+
+    missing = sorted(set(own) - set(state) - set(head))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        lines = [f"--finetune: {path} does not fit {type(model).__name__} beyond its classifier and position "
+                 f"embedding:"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise UsageError("\n".join(lines))
+    model.load_state_dict(state, strict=False)  # only the classifier keys named above may be absent
+    return notes
+
+
 # ---------------------------------------------------------------------------
 # the run
 
@@ -644,6 +724,7 @@ def setup(args, parsed: Dict) -> Dict:
         raise UsageError(f"--pretrained: cannot get timm's weights for {args.model}: "
                          f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                          f"(offline? start from --initial-checkpoint instead)") from None
+    finetuned = load_finetune(model, args.finetune) if args.finetune else []
     config = build_config(args, parsed, len(model.blocks))
     model = common.patch_model(model, config).to(device)
 
@@ -723,7 +804,7 @@ def setup(args, parsed: Dict) -> Dict:
                loader=loader, val_loader=val_loader, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, ema=ema, amp_dtype=amp_dtype, total_epochs=total_epochs, updates=0,
                topk=min(5, num_classes), output=parsed["output"], lr=lr, data_config=data_config,
-               num_classes=num_classes, train_images=len(images), val_images=len(val_set))
+               num_classes=num_classes, train_images=len(images), val_images=len(val_set), finetuned=finetuned)
     ctx["saved_args"] = dict(vars(args), mctf_type_resolved=config.to_mctf_type(),
                              activate_layer_resolved=list(config.active_layers(len(model.blocks))),
                              num_classes_resolved=num_classes, world_size=world, lr_scaled=lr, min_lr_scaled=min_lr,
@@ -784,7 +865,10 @@ def train(args, parsed: Dict) -> Optional[Dict]:
     if main_rank:  # everything is checked: from here on the run writes
         os.makedirs(output, exist_ok=True)
         meta = common.run_metadata(ctx["device"])
+        for note in ctx["finetuned"]:
+            log(f"{PROG}: --finetune {args.finetune}: {note}")
         append_log(log_path, dict(event="start", args=ctx["saved_args"], start_epoch=ctx["start_epoch"],
+                                  finetune=ctx["finetuned"],
                                   backend=mctf.get_backend(), data_config=ctx["data_config"],
                                   train_images=ctx["train_images"], val_images=ctx["val_images"], **meta))
         config = ctx["config"]
