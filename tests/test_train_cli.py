@@ -325,6 +325,8 @@ def test_repeated_augmentation_deals_one_global_list():
     later.set_epoch(1)
     assert list(later) != one  # a new order every epoch
     assert len(train_cli.RepeatedAugmentSampler(600, 4, 0, 3, seed=0)) == 512 // 4  # DeiT's rounding to 256
+    plain = [list(train_cli.RepeatedAugmentSampler(600, 4, r, 1, seed=0)) for r in range(4)]  # no repeats:
+    assert sorted(sum(plain, [])) == list(range(600))  # every image once, none rounded away
 
 
 def test_seeded_samples_depend_on_image_copy_and_epoch_only():

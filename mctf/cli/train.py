@@ -375,14 +375,16 @@ class RepeatedAugmentSampler:
     shuffles the images (seeded by (seed, epoch)), repeats each ``repeats`` times in a row,
     and deals the list round-robin to the ranks, so an image's copies land on different
     ranks (or, on one process, in one batch). Each rank keeps ``per_rank`` samples:
-    ``len(images)`` rounded down to a multiple of 256 (all of them below 256) over the world
-    size, so an epoch holds as many samples as there are images. The global list is the
+    ``len(images)`` over the world size, so an epoch holds as many samples as there are
+    images; with repeats, rounded down to a multiple of 256 first (all of them below 256),
+    as DeiT's sampler does. Without repeats nothing is rounded: a dataset of 500 images
+    would otherwise train on 256 of them per epoch. The global list is the
     same for any world size: N processes see exactly the global batches one process sees.
     Yields ``image * repeats + copy`` (SeededSamples)."""
 
     def __init__(self, num_images: int, world: int, rank: int, repeats: int, seed: int, round_to: int = 256):
         self.num_images, self.world, self.rank, self.repeats, self.seed = num_images, world, rank, repeats, seed
-        kept = num_images // round_to * round_to if num_images >= round_to else num_images
+        kept = num_images // round_to * round_to if num_images >= round_to and repeats > 1 else num_images
         self.per_rank = kept // world
         self.epoch = 0
 
@@ -874,7 +876,7 @@ def train(args, parsed: Dict) -> Optional[Dict]:
         config = ctx["config"]
         log(f"{PROG}: {args.model} on {ctx['device']} x{ctx['world']}, {ctx['train_images']} train / "
             f"{ctx['val_images']} val images, {ctx['num_classes']} classes, batch {args.batch_size} x "
-            f"{ctx['world']}, lr {ctx['lr']:.3g}, epochs {ctx['start_epoch']}..{ctx['total_epochs'] - 1}, "
+            f"{ctx['world']} ({len(ctx['loader'])} steps per epoch), lr {ctx['lr']:.3g}, epochs {ctx['start_epoch']}..{ctx['total_epochs'] - 1}, "
             f"mctf_type={config.to_mctf_type()} layers={list(config.active_layers(len(ctx['model'].blocks)))}, "
             f"task_type={args.task_type} task_weight={args.task_weight}, backend={mctf.get_backend()}, "
             f"amp={ctx['amp_dtype'] or 'off'}, output {output}")
