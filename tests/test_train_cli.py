@@ -517,6 +517,14 @@ def test_finetune_of_matching_or_headless_weights(tmp_path):
     assert train_cli.load_finetune(dst, str(path)) == [
         "the checkpoint has no head.weight, head.bias: initialised at random and trained from scratch"]
     assert torch.equal(dst.head.weight, init) and torch.equal(dst.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+    from safetensors.torch import save_file  # timm's hub format
+
+    save_file(tiny(num_classes=7).state_dict(), str(tmp_path / "hub.safetensors"))
+    dst = tiny()
+    assert "head.weight (7, 32) -> (3, 32)" in train_cli.load_finetune(dst, str(tmp_path / "hub.safetensors"))[0]
+    (tmp_path / "bad.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(train_cli.UsageError, match="--finetune: cannot read"):
+        train_cli.load_finetune(tiny(), str(tmp_path / "bad.safetensors"))
 
 
 def test_finetune_run_from_another_dataset_and_size(data, tmp_path, capsys):

@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--initial-checkpoint", help="start from these weights (the public MCTF format or a plain "
                                                 "state_dict, loaded strictly); default: none")
     g.add_argument("--finetune", metavar="PATH",
-                   help="start from these weights adapted to the model, as the public --finetune: a classifier of "
-                        "another shape is dropped (trained from scratch), the absolute position embedding is "
+                   help="start from these weights (a torch file as --initial-checkpoint takes, or .safetensors) "
+                        "adapted to the model, as the public --finetune: a classifier of another shape is dropped (trained from scratch), the absolute position embedding is "
                         "resampled to the model's patch grid (timm's resample_abs_pos_embed); anything else must "
                         "match. For weights of another dataset (classes) or image size; default: none")
     g.add_argument("--resume", help="continue a run from its checkpoint.pth (weights, optimizer, schedule, loss "
@@ -626,10 +626,19 @@ def load_finetune(model, path: str) -> List[str]:
 
     from mctf.checkpoint import CheckpointLoadError, CheckpointMismatchError, _extract_state_dict, _load
 
-    try:
-        state = dict(_extract_state_dict(_load(path, "cpu"), path))
-    except (CheckpointLoadError, CheckpointMismatchError) as exc:
-        raise UsageError(f"--finetune: {exc}") from None
+    if path.endswith(".safetensors"):  # timm's hub weights come this way (tensors only, nothing to unpickle)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UsageError(f"--finetune: cannot read {path}: {exc}") from None
+    else:
+        try:
+            state = dict(_extract_state_dict(_load(path, "cpu"), path))
+        except (CheckpointLoadError, CheckpointMismatchError) as exc:
+            raise UsageError(f"--finetune: {exc}") from None
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     own = model.state_dict()
