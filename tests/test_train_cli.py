@@ -541,3 +541,15 @@ def test_finetune_run_from_another_dataset_and_size(data, tmp_path, capsys):
     assert len(log[0]["finetune"]) == 2 and log[0]["args"]["finetune"] == str(src)
     assert [r["event"] for r in log] == ["start", "epoch", "end"]
     mctf.load_checkpoint(tiny(), str(out / "checkpoint.pth"))  # strictly: the 3-class 64 px model
+
+
+def test_adaptive_clipping_leaves_the_classifiers_out():
+    """--clip-mode agc clips every parameter but the classifiers' (timm's train.py), the other
+    modes all of them."""
+    for model, heads in ((tiny(), 2), (tiny(model="deit_tiny_distilled_patch16_224"), 4)):
+        every = list(model.parameters())
+        assert train_cli.clip_parameters(model, "norm") == every
+        kept = train_cli.clip_parameters(model, "agc")
+        assert len(kept) == len(every) - heads
+        head_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head")}
+        assert len(head_ids) == heads and not head_ids & {id(p) for p in kept}

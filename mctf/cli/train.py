@@ -489,13 +489,13 @@ def train_one_epoch(ctx, epoch: int, progress: bool) -> Dict:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                   parameters=model.parameters())
+                   parameters=ctx["clip_parameters"])
         else:
             loss.backward()
             if args.clip_grad is not None:
                 from timm.utils import dispatch_clip_grad
 
-                dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
+                dispatch_clip_grad(ctx["clip_parameters"], args.clip_grad, mode=args.clip_mode)
             optimizer.step()
         ctx["updates"] += 1
         if ema is not None:
@@ -613,6 +613,15 @@ def _classifier_keys(model) -> List[str]:
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     names = (names,) if isinstance(names, str) else tuple(names)
     return [k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)]
+
+
+def clip_parameters(model, mode: str) -> list:
+    """The parameters --clip-grad clips: all, but for adaptive clipping (agc) the classifier's,
+    as timm's train.py leaves them out (named here, where timm drops the last two)."""
+    if mode != "agc":
+        return list(model.parameters())
+    head = set(_classifier_keys(model))
+    return [p for name, p in model.named_parameters() if name not in head]
 
 
 def load_finetune(model, path: str) -> List[str]:
@@ -815,7 +824,8 @@ def setup(args, parsed: Dict) -> Dict:
                loader=loader, val_loader=val_loader, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, ema=ema, amp_dtype=amp_dtype, total_epochs=total_epochs, updates=0,
                topk=min(5, num_classes), output=parsed["output"], lr=lr, data_config=data_config,
-               num_classes=num_classes, train_images=len(images), val_images=len(val_set), finetuned=finetuned)
+               num_classes=num_classes, train_images=len(images), val_images=len(val_set), finetuned=finetuned,
+               clip_parameters=clip_parameters(model, args.clip_mode))
     ctx["saved_args"] = dict(vars(args), mctf_type_resolved=config.to_mctf_type(),
                              activate_layer_resolved=list(config.active_layers(len(model.blocks))),
                              num_classes_resolved=num_classes, world_size=world, lr_scaled=lr, min_lr_scaled=min_lr,
