@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "state_dict, loaded strictly); default: none")
     g.add_argument("--finetune", metavar="PATH",
                    help="start from these weights (a torch file as --initial-checkpoint takes, or .safetensors) "
-                        "adapted to the model, as the public --finetune: a classifier of another shape is dropped (trained from scratch), the absolute position embedding is "
-                        "resampled to the model's patch grid (timm's resample_abs_pos_embed); anything else must "
-                        "match. For weights of another dataset (classes) or image size; default: none")
+                        "adapted to the model, as the public --finetune: a classifier of another shape is dropped "
+                        "(trained from scratch), the absolute position embedding is resampled to the model's patch "
+                        "grid (timm's resample_abs_pos_embed); anything else must match. For weights of another "
+                        "dataset (classes) or image size; default: none")
     g.add_argument("--resume", help="continue a run from its checkpoint.pth (weights, optimizer, schedule, loss "
                                     "scaler, EMA, epoch); default: none")
     g.add_argument("--num-classes", type=int, help="classifier outputs; default: the number of train class folders")
@@ -895,7 +896,8 @@ def train(args, parsed: Dict) -> Optional[Dict]:
         config = ctx["config"]
         log(f"{PROG}: {args.model} on {ctx['device']} x{ctx['world']}, {ctx['train_images']} train / "
             f"{ctx['val_images']} val images, {ctx['num_classes']} classes, batch {args.batch_size} x "
-            f"{ctx['world']} ({len(ctx['loader'])} steps per epoch), lr {ctx['lr']:.3g}, epochs {ctx['start_epoch']}..{ctx['total_epochs'] - 1}, "
+            f"{ctx['world']} ({len(ctx['loader'])} steps per epoch), lr {ctx['lr']:.3g}, "
+            f"epochs {ctx['start_epoch']}..{ctx['total_epochs'] - 1}, "
             f"mctf_type={config.to_mctf_type()} layers={list(config.active_layers(len(ctx['model'].blocks)))}, "
             f"task_type={args.task_type} task_weight={args.task_weight}, backend={mctf.get_backend()}, "
             f"amp={ctx['amp_dtype'] or 'off'}, output {output}")
