@@ -66,9 +66,9 @@ def train(args, capsys=None):
     return capsys.readouterr() if capsys else None
 
 
-def tiny(num_classes=3, **extra):
+def tiny(num_classes=3, model=MODEL, **extra):
     kwargs = {k: int(v) for k, v in (kv.split("=") for kv in KWARGS)}
-    return timm.create_model(MODEL, pretrained=False, num_classes=num_classes, **kwargs, **extra)
+    return timm.create_model(model, pretrained=False, num_classes=num_classes, **{**kwargs, **extra})
 
 
 def ckpt(path):
@@ -221,6 +221,12 @@ def _bad(tmp_path, data):
     shutil.copytree(data / "train", noval / "train")
     plain = tmp_path / "plain.pth"
     torch.save(tiny().state_dict(), plain)
+    wider, patch16, text = tmp_path / "wider.pth", tmp_path / "patch16.pth", tmp_path / "text.pth"
+    torch.save({"model": tiny(num_classes=5, embed_dim=48).state_dict()}, wider)
+    torch.save({"model": tiny(patch_size=16).state_dict()}, patch16)  # a 4x4 grid: resampled, but the patch
+    text.write_text("not a checkpoint")                                # projection does not fit
+    oblong = tmp_path / "oblong.pth"
+    torch.save({**tiny().state_dict(), "pos_embed": torch.zeros(1, 1 + 50, 32)}, oblong)
     return {
         "missing data": (["--data-path", tmp_path / "nope"], "no such directory"),
         "no val split": (["--data-path", noval], "has no val/ folder"),
@@ -237,12 +243,26 @@ def _bad(tmp_path, data):
         "run exists": (["--output", taken], "already holds a run"),
         "resume of weights only": (["--resume", plain], "not an mctf-train checkpoint"),
         "unknown model": (["-m", "vit_nope"], "unknown timm model"),
+        "unknown augmentation": (["--aa", "rand-q9"], "--aa 'rand-q9'"),
+        "unknown erasing mode": (["--remode", "blur"], "argument --remode: invalid choice"),
+        "unknown interpolation": (["--train-interpolation", "cubic"], "--train-interpolation 'cubic'"),
+        "EMA decay": (["--model-ema-decay", "1.5"], "--model-ema-decay must be in [0, 1]"),
+        "clip-grad": (["--clip-grad", "0"], "--clip-grad must be"),
+        "finetune of another width": (["--finetune", wider], "does not fit VisionTransformer beyond its classifier"),
+        "finetune of another patch size": (["--finetune", patch16], "patch_embed.proj.weight: checkpoint"),
+        "finetune of no checkpoint": (["--finetune", text], "--finetune: checkpoint"),
+        "finetune and a second start": (["--finetune", plain, "--initial-checkpoint", plain], "give one start"),
+        "finetune missing": (["--finetune", tmp_path / "none.pth"], "--finetune: no such file"),
+        "finetune of a non-square grid": (["--finetune", oblong], "is not 1 prefix token(s) and a square patch grid"),
     }
 
 
 BAD = ["missing data", "no val split", "class mismatch", "another model", "odd batch with mixup",
        "batch over the data", "negative r", "fractional r > 1", "bad teacher r", "mctf-type r", "threshold",
-       "no loss", "run exists", "resume of weights only", "unknown model"]
+       "no loss", "run exists", "resume of weights only", "unknown model", "unknown augmentation",
+       "unknown erasing mode", "unknown interpolation", "EMA decay", "clip-grad", "finetune of another width",
+       "finetune of another patch size", "finetune of no checkpoint", "finetune and a second start",
+       "finetune missing", "finetune of a non-square grid"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -305,6 +325,8 @@ def test_repeated_augmentation_deals_one_global_list():
     later.set_epoch(1)
     assert list(later) != one  # a new order every epoch
     assert len(train_cli.RepeatedAugmentSampler(600, 4, 0, 3, seed=0)) == 512 // 4  # DeiT's rounding to 256
+    plain = [list(train_cli.RepeatedAugmentSampler(600, 4, r, 1, seed=0)) for r in range(4)]  # no repeats:
+    assert sorted(sum(plain, [])) == list(range(600))  # every image once, none rounded away
 
 
 def test_seeded_samples_depend_on_image_copy_and_epoch_only():
@@ -420,3 +442,115 @@ def test_resume_of_another_models_run_is_refused(run, data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "mctf-train: error: --resume: checkpoint" in err and "head.weight" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_consistency_only(data, tmp_path):
+    """--task-type 0 0 C trains the class token's consistency alone: the classifier gets no gradient,
+    which DDP must be told about (else it fails at the second step); its weights stay as
+    initialised (no gradient: AdamW skips them, weight decay included, as in one process)."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mctf.cli.train", *map(str, BASE), "--data-path", str(data), "-b", "4", "--output", str(out),
+           "--epochs", "1", "--task-type", "0", "0", "0.01"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epoch = [r for r in read_log(out) if r["event"] == "epoch"]
+    assert len(epoch) == 1 and epoch[0]["steps"] == 6 and epoch[0]["loss_consistency"] > 0
+    assert epoch[0]["loss_student"] == epoch[0]["loss_teacher"] == 0
+    torch.manual_seed(0)  # mctf-train's init: --seed 0 before the model is built
+    init = tiny().state_dict()
+    saved = ckpt(out / "checkpoint.pth")["model"]
+    for name in ("head.weight", "head.bias"):
+        assert torch.equal(saved[name], init[name]), name
+    assert not torch.equal(saved["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("model, extra", [
+    (MODEL, {}),
+    ("deit_tiny_distilled_patch16_224", {}),  # 2 prefix tokens, two classifiers
+    (MODEL, {"reg_tokens": 2, "no_embed_class": True}),  # the position embedding covers the patches only
+])
+def test_finetune_adapts_classifier_and_position_embedding(model, extra, tmp_path):
+    """Weights of a 5-class model at 32 px (4x4 patches) into a 3-class one at 64 px (8x8): the
+    classifiers keep their init, the position embedding is what timm's own weight adaptation
+    makes of it, every other tensor is the checkpoint's."""
+    torch.manual_seed(0)
+    src = tiny(num_classes=5, model=model, img_size=32, **extra)
+    path = tmp_path / "src.pth"
+    torch.save({"model": src.state_dict(), "epoch": 3}, path)  # the public format
+    torch.manual_seed(1)
+    dst = tiny(model=model, **extra)
+    init = {k: v.clone() for k, v in dst.state_dict().items()}
+    notes = train_cli.load_finetune(dst, str(path))
+    heads = train_cli._classifier_keys(dst)
+    assert heads == ([f"{h}.{p}" for h in ("head", "head_dist") for p in ("weight", "bias")] if "distilled" in model
+                     else ["head.weight", "head.bias"])
+    assert len(notes) == 2 and "head.weight (5, 32) -> (3, 32)" in notes[0] and "4x4 to the model's 8x8" in notes[1]
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    expected = checkpoint_filter_fn(src.state_dict(), dst)["pos_embed"]
+    got, want = dst.state_dict(), src.state_dict()
+    assert got["pos_embed"].shape == init["pos_embed"].shape
+    torch.testing.assert_close(got["pos_embed"], expected, rtol=0, atol=0)
+    for name, value in got.items():
+        if name in heads:
+            assert torch.equal(value, init[name]), name
+        elif name != "pos_embed":
+            assert torch.equal(value, want[name]), name
+
+
+def test_finetune_of_matching_or_headless_weights(tmp_path):
+    """Weights that fit load as they are (nothing to say); weights without a classifier (a
+    feature extractor) leave it at its init, and say so."""
+    src = tiny()
+    path = tmp_path / "same.pth"
+    torch.save(src.state_dict(), path)
+    dst = tiny()
+    assert train_cli.load_finetune(dst, str(path)) == []
+    assert_same(dst.state_dict(), src.state_dict())
+    headless = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    torch.save({"model": headless}, path)
+    dst = tiny()
+    init = dst.head.weight.clone()
+    assert train_cli.load_finetune(dst, str(path)) == [
+        "the checkpoint has no head.weight, head.bias: initialised at random and trained from scratch"]
+    assert torch.equal(dst.head.weight, init)
+    assert torch.equal(dst.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+    from safetensors.torch import save_file  # timm's hub format
+
+    save_file(tiny(num_classes=7).state_dict(), str(tmp_path / "hub.safetensors"))
+    dst = tiny()
+    assert "head.weight (7, 32) -> (3, 32)" in train_cli.load_finetune(dst, str(tmp_path / "hub.safetensors"))[0]
+    (tmp_path / "bad.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(train_cli.UsageError, match="--finetune: cannot read"):
+        train_cli.load_finetune(tiny(), str(tmp_path / "bad.safetensors"))
+
+
+def test_finetune_run_from_another_dataset_and_size(data, tmp_path, capsys):
+    """mctf-train --finetune from a 1000-class 32 px model: the run says what it adapted, logs it,
+    trains, and its checkpoint is the 3-class 64 px model's."""
+    src = tmp_path / "imagenet32.pth"
+    torch.save({"model": tiny(num_classes=1000, img_size=32).state_dict()}, src)
+    out = tmp_path / "out"
+    err = train(BASE + ["--data-path", data, "-b", "8", "--epochs", "1", "--output", out, "--finetune", src],
+                capsys).err
+    assert f"mctf-train: --finetune {src}: dropped the checkpoint's classifier (head.weight (1000, 32) -> (3, 32)" \
+        in err and "resampled the position embedding from a 4x4 to the model's 8x8 patch grid" in err, err
+    log = read_log(out)
+    assert len(log[0]["finetune"]) == 2 and log[0]["args"]["finetune"] == str(src)
+    assert [r["event"] for r in log] == ["start", "epoch", "end"]
+    mctf.load_checkpoint(tiny(), str(out / "checkpoint.pth"))  # strictly: the 3-class 64 px model
+
+
+def test_adaptive_clipping_leaves_the_classifiers_out():
+    """--clip-mode agc clips every parameter but the classifiers' (timm's train.py), the other
+    modes all of them."""
+    for model, heads in ((tiny(), 2), (tiny(model="deit_tiny_distilled_patch16_224"), 4)):
+        every = list(model.parameters())
+        assert train_cli.clip_parameters(model, "norm") == every
+        kept = train_cli.clip_parameters(model, "agc")
+        assert len(kept) == len(every) - heads
+        head_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head")}
+        assert len(head_ids) == heads and not head_ids & {id(p) for p in kept}

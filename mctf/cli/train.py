@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (downloads them)")
     g.add_argument("--initial-checkpoint", help="start from these weights (the public MCTF format or a plain "
                                                 "state_dict, loaded strictly); default: none")
+    g.add_argument("--finetune", metavar="PATH",
+                   help="start from these weights (a torch file as --initial-checkpoint takes, or .safetensors) "
+                        "adapted to the model, as the public --finetune: a classifier of another shape is dropped "
+                        "(trained from scratch), the absolute position embedding is resampled to the model's patch "
+                        "grid (timm's resample_abs_pos_embed); anything else must match. For weights of another "
+                        "dataset (classes) or image size; default: none")
     g.add_argument("--resume", help="continue a run from its checkpoint.pth (weights, optimizer, schedule, loss "
                                     "scaler, EMA, epoch); default: none")
     g.add_argument("--num-classes", type=int, help="classifier outputs; default: the number of train class folders")
@@ -109,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="auto-augment policy; 'none' for none")
     g.add_argument("--train-interpolation", default="bicubic", help="train resize interpolation")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
     g.add_argument("--aug-repeats", type=int, default=3,
                    help="repeated augmentation: copies of each image per epoch, on different ranks (1 = off)")
@@ -198,6 +204,10 @@ def check_args(args) -> Dict:
     for name in ("drop", "drop_path", "reprob", "hflip", "mixup_prob", "mixup_switch_prob"):
         if not 0 <= getattr(args, name) <= 1:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if not 0 <= args.model_ema_decay <= 1:
+        raise UsageError("--model-ema-decay must be in [0, 1]")
+    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
+        raise UsageError("--clip-grad must be a finite number > 0")
     if args.smoothing >= 1:
         raise UsageError("--smoothing must be in [0, 1)")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
@@ -244,14 +254,16 @@ def check_args(args) -> Dict:
         raise UsageError(f"--data-path: {args.train_split}/ and {args.val_split}/ must hold the same class folders "
                          f"(class i is the i-th name in sorted order); only in {args.train_split}: "
                          f"{only_train[:5]}, only in {args.val_split}: {only_val[:5]}")
-    for option in ("initial_checkpoint", "resume"):
+    for option in ("initial_checkpoint", "finetune", "resume"):
         path = getattr(args, option)
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"--{option.replace('_', '-')}: no such file: {path}")
-    if args.initial_checkpoint and args.resume:
-        raise UsageError("give --initial-checkpoint (new run) or --resume (continue a run), not both")
-    if args.pretrained and (args.initial_checkpoint or args.resume):
-        raise UsageError("--pretrained starts from timm's weights: drop it with --initial-checkpoint or --resume")
+    starts = [o for o, v in (("--pretrained", args.pretrained), ("--initial-checkpoint", args.initial_checkpoint),
+                             ("--finetune", args.finetune), ("--resume", args.resume)) if v]
+    if len(starts) > 1:
+        raise UsageError(f"give one start, not {' and '.join(starts)}: --pretrained (timm's weights), "
+                         f"--initial-checkpoint (a file, loaded strictly), --finetune (a file, classifier and "
+                         f"position embedding adapted) or --resume (continue a run)")
     output = args.output or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
                              else os.path.join("output", args.model))
     existing = os.path.join(output, CHECKPOINT)
@@ -364,14 +376,16 @@ class RepeatedAugmentSampler:
     shuffles the images (seeded by (seed, epoch)), repeats each ``repeats`` times in a row,
     and deals the list round-robin to the ranks, so an image's copies land on different
     ranks (or, on one process, in one batch). Each rank keeps ``per_rank`` samples:
-    ``len(images)`` rounded down to a multiple of 256 (all of them below 256) over the world
-    size, so an epoch holds as many samples as there are images. The global list is the
+    ``len(images)`` over the world size, so an epoch holds as many samples as there are
+    images; with repeats, rounded down to a multiple of 256 first (all of them below 256),
+    as DeiT's sampler does. Without repeats nothing is rounded: a dataset of 500 images
+    would otherwise train on 256 of them per epoch. The global list is the
     same for any world size: N processes see exactly the global batches one process sees.
     Yields ``image * repeats + copy`` (SeededSamples)."""
 
     def __init__(self, num_images: int, world: int, rank: int, repeats: int, seed: int, round_to: int = 256):
         self.num_images, self.world, self.rank, self.repeats, self.seed = num_images, world, rank, repeats, seed
-        kept = num_images // round_to * round_to if num_images >= round_to else num_images
+        kept = num_images // round_to * round_to if num_images >= round_to and repeats > 1 else num_images
         self.per_rank = kept // world
         self.epoch = 0
 
@@ -476,13 +490,13 @@ def train_one_epoch(ctx, epoch: int, progress: bool) -> Dict:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                   parameters=model.parameters())
+                   parameters=ctx["clip_parameters"])
         else:
             loss.backward()
             if args.clip_grad is not None:
                 from timm.utils import dispatch_clip_grad
 
-                dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
+                dispatch_clip_grad(ctx["clip_parameters"], args.clip_grad, mode=args.clip_mode)
             optimizer.step()
         ctx["updates"] += 1
         if ema is not None:
@@ -594,6 +608,97 @@ def load_resume(ctx, path: str) -> int:
     return int(obj["epoch"]) + 1, vars(saved) if isinstance(saved, argparse.Namespace) else {}
 
 
+def _classifier_keys(model) -> List[str]:
+    """The state_dict keys of the model's classifier(s) (timm's pretrained_cfg names them:
+    ``head``, or ``head`` and ``head_dist`` for the distilled DeiTs)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return [k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)]
+
+
+def clip_parameters(model, mode: str) -> list:
+    """The parameters --clip-grad clips: all, but for adaptive clipping (agc) the classifier's,
+    as timm's train.py leaves them out (named here, where timm drops the last two)."""
+    if mode != "agc":
+        return list(model.parameters())
+    head = set(_classifier_keys(model))
+    return [p for name, p in model.named_parameters() if name not in head]
+
+
+def load_finetune(model, path: str) -> List[str]:
+    """Load ``path`` into the unpatched timm ``model`` as the public fine-tuning does: a
+    classifier whose shapes differ (or that the file lacks) is left at its random init, the
+    absolute position embedding is resampled to the model's patch grid with timm's
+    ``resample_abs_pos_embed`` (bicubic, antialiased, as timm adapts its own weights); any other
+    missing, unexpected or differently shaped key is a UsageError naming them. Returns what was
+    adapted, one sentence each."""
+    from timm.layers import resample_abs_pos_embed
+
+    from mctf.checkpoint import CheckpointLoadError, CheckpointMismatchError, _extract_state_dict, _load
+
+    if path.endswith(".safetensors"):  # timm's hub weights come this way (tensors only, nothing to unpickle)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UsageError(f"--finetune: cannot read {path}: {exc}") from None
+    else:
+        try:
+            state = dict(_extract_state_dict(_load(path, "cpu"), path))
+        except (CheckpointLoadError, CheckpointMismatchError) as exc:
+            raise UsageError(f"--finetune: {exc}") from None
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    notes = []
+
+    head = _classifier_keys(model)
+    dropped = [k for k in head if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    absent = [k for k in head if k not in state]
+    if dropped:
+        shapes = ", ".join(f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in dropped)
+        notes.append(f"dropped the checkpoint's classifier ({shapes}): initialised at random and trained from "
+                     f"scratch")
+        for k in dropped:
+            del state[k]
+    if absent:
+        notes.append(f"the checkpoint has no {', '.join(absent)}: initialised at random and trained from scratch")
+
+    pos, own_pos = state.get("pos_embed"), own.get("pos_embed")
+    # another token count at the same width: resampled; another width falls to the mismatch list below
+    if (pos is not None and own_pos is not None and pos.dim() == 3 and pos.shape[0] == 1
+            and pos.shape[2] == own_pos.shape[2] and pos.shape[1] != own_pos.shape[1]):
+        # the tokens with a position embedding of their own: timm's rule (no_embed_class models
+        # embed the patches only)
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        grid = tuple(model.patch_embed.grid_size)
+        side = math.isqrt(max(pos.shape[1] - prefix, 0))
+        if side == 0 or side * side != pos.shape[1] - prefix:
+            raise UsageError(f"--finetune: {path}: pos_embed {tuple(pos.shape)} is not {prefix} prefix token(s) "
+                             f"and a square patch grid: it cannot be resampled to the model's "
+                             f"{tuple(own_pos.shape)}")
+        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side],
+                                                    num_prefix_tokens=prefix)
+        notes.append(f"resampled the position embedding from a {side}x{side} to the model's {grid[0]}x{grid[1]} "
+                     f"patch grid")
+
+    missing = sorted(set(own) - set(state) - set(head))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        lines = [f"--finetune: {path} does not fit {type(model).__name__} beyond its classifier and position "
+                 f"embedding:"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise UsageError("\n".join(lines))
+    model.load_state_dict(state, strict=False)  # only the classifier keys named above may be absent
+    return notes
+
+
 # ---------------------------------------------------------------------------
 # the run
 
@@ -640,17 +745,23 @@ def setup(args, parsed: Dict) -> Dict:
         raise UsageError(f"--pretrained: cannot get timm's weights for {args.model}: "
                          f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                          f"(offline? start from --initial-checkpoint instead)") from None
+    finetuned = load_finetune(model, args.finetune) if args.finetune else []
     config = build_config(args, parsed, len(model.blocks))
     model = common.patch_model(model, config).to(device)
 
     # data: timm's train transform, mctf-eval's folder checks and validation shards
     data_config = common.data_config_for(model, args.crop_pct)
-    train_tf = keep_zero_bit_posterize(create_transform(
-        input_size=data_config["input_size"], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
-        ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter,
-        auto_augment=None if args.aa in ("none", "") else args.aa, interpolation=args.train_interpolation,
-        mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount))
+    try:
+        train_tf = keep_zero_bit_posterize(create_transform(
+            input_size=data_config["input_size"], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
+            ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter,
+            auto_augment=None if args.aa in ("none", "") else args.aa, interpolation=args.train_interpolation,
+            mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount))
+    except (AssertionError, KeyError, ValueError) as exc:  # timm's own checks of these names
+        raise UsageError(f"timm cannot build the train augmentation from --aa {args.aa!r} and --train-interpolation "
+                         f"{args.train_interpolation!r}: {exc.__class__.__name__}"
+                         + (f": {exc}" if str(exc) else "")) from None
     train_root = os.path.join(args.data_path, args.train_split)
     images = build_dataset(train_root, train_tf)
     train_set = SeededSamples(images, args.seed, max(1, args.aug_repeats))
@@ -704,14 +815,18 @@ def setup(args, parsed: Dict) -> Dict:
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     step = _step_module(model, tuple(args.task_type), tuple(args.task_weight), criterion)
     if world > 1:
+        # the consistency term alone (--task-type 0 0 C) leaves the classifier without gradients:
+        # DDP must look for unused parameters then (it leaves their grads None, as one process does)
         step = torch.nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None)
+            step, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not (args.task_type[0] or args.task_type[1]))
 
     ctx = dict(args=args, model=model, step=step, config=config, device=device, rank=rank, world=world,
                loader=loader, val_loader=val_loader, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, ema=ema, amp_dtype=amp_dtype, total_epochs=total_epochs, updates=0,
                topk=min(5, num_classes), output=parsed["output"], lr=lr, data_config=data_config,
-               num_classes=num_classes, train_images=len(images), val_images=len(val_set))
+               num_classes=num_classes, train_images=len(images), val_images=len(val_set), finetuned=finetuned,
+               clip_parameters=clip_parameters(model, args.clip_mode))
     ctx["saved_args"] = dict(vars(args), mctf_type_resolved=config.to_mctf_type(),
                              activate_layer_resolved=list(config.active_layers(len(model.blocks))),
                              num_classes_resolved=num_classes, world_size=world, lr_scaled=lr, min_lr_scaled=min_lr,
@@ -772,13 +887,17 @@ def train(args, parsed: Dict) -> Optional[Dict]:
     if main_rank:  # everything is checked: from here on the run writes
         os.makedirs(output, exist_ok=True)
         meta = common.run_metadata(ctx["device"])
+        for note in ctx["finetuned"]:
+            log(f"{PROG}: --finetune {args.finetune}: {note}")
         append_log(log_path, dict(event="start", args=ctx["saved_args"], start_epoch=ctx["start_epoch"],
+                                  finetune=ctx["finetuned"],
                                   backend=mctf.get_backend(), data_config=ctx["data_config"],
                                   train_images=ctx["train_images"], val_images=ctx["val_images"], **meta))
         config = ctx["config"]
         log(f"{PROG}: {args.model} on {ctx['device']} x{ctx['world']}, {ctx['train_images']} train / "
             f"{ctx['val_images']} val images, {ctx['num_classes']} classes, batch {args.batch_size} x "
-            f"{ctx['world']}, lr {ctx['lr']:.3g}, epochs {ctx['start_epoch']}..{ctx['total_epochs'] - 1}, "
+            f"{ctx['world']} ({len(ctx['loader'])} steps per epoch), lr {ctx['lr']:.3g}, "
+            f"epochs {ctx['start_epoch']}..{ctx['total_epochs'] - 1}, "
             f"mctf_type={config.to_mctf_type()} layers={list(config.active_layers(len(ctx['model'].blocks)))}, "
             f"task_type={args.task_type} task_weight={args.task_weight}, backend={mctf.get_backend()}, "
             f"amp={ctx['amp_dtype'] or 'off'}, output {output}")
