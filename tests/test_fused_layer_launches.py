@@ -18,10 +18,12 @@ from kernel_counts import per_block_kernels, tiny_patched_model
 from mctf.patch.timm import _QKV_CASTS, _split_qkv
 
 # Budgets per fused layer (the third block: sizes are known, so proportional attention is
-# on), as measured now: 17 with a half model, 26 under CPU autocast (the first design: 32
-# and 45, with two sorts per layer, size maxima, re-cast weight slices and three q.k^T passes).
+# on), as measured now: 19 with a half model, 28 under CPU autocast (the first design: 32
+# and 45, with two sorts per layer, size maxima, re-cast weight slices and three q.k^T passes;
+# the second 17 and 26, with P' @ V' in one Triton kernel that the static sm_90 report
+# estimated at ~60% of the MCTF time: it is now gather + torch's fused attention + row merge).
 # The target for a GPU forward is 14 (tests/test_sm90_structure.py counts that path).
-BUDGET = {"fp16 model": 17, "fp16 autocast": 26}
+BUDGET = {"fp16 model": 19, "fp16 autocast": 28}
 
 
 def _count(label):
@@ -39,7 +41,8 @@ def test_fused_layer_kernel_budget(label):
     assert "triton._merge_kernel" not in plain and len(plain) <= 20
     for blk in (first, fused):
         assert len(blk) <= BUDGET[label], blk
-        assert blk.count("triton._merge_kernel") == 1
+        # the tokens' merge, and the row merge of the one-step-ahead output
+        assert blk.count("triton._merge_kernel") == 2
         # the slot index is a kernel, not a sort; the size maximum is folded into the merge
         assert not {"aten.sort", "aten.searchsorted", "aten.arange"} & set(blk), blk
         assert 1 <= blk.count("triton._slot_index_kernel") <= 2

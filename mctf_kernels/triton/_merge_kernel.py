@@ -38,6 +38,7 @@ def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
 @triton.jit
 def _merge_kernel(
     x_ptr, stride_xb, stride_xh, stride_xt, stride_xc,
+    stride_xg,  # GROUP_C > 0: x's channel c lives at (c // GROUP_C) * stride_xg + (c % GROUP_C) * stride_xc
     order_ptr, starts_ptr,  # contiguous (B, T) int64 and (B, T'+1) int64
     size_ptr, stride_sb, stride_st,
     attn_ptr, stride_ab, stride_at,
@@ -54,6 +55,7 @@ def _merge_kernel(
     BLOCK_N: tl.constexpr,  # source columns per step
     BLOCK_T: tl.constexpr,  # sizes per step of the row maximum
     SPLIT_C: tl.constexpr,  # programs sharing one slot block's channels
+    GROUP_C: tl.constexpr = 0,  # > 0: channels are groups of GROUP_C (e.g. heads of (B, H, T, D) rows)
 ):
     # Axis 0: (row of the leading dims, slot block); rows are (b, h) with h < H, so the
     # same kernel merges tokens (H = 1) and per-head query rows (dest is per b).
@@ -108,6 +110,10 @@ def _merge_kernel(
     for c0 in range(split * BLOCK_C, C, SPLIT_C * BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
+        if GROUP_C > 0:  # x's channels in groups, out's contiguous: one program covers every head
+            x_c = (offs_c // GROUP_C) * stride_xg + (offs_c % GROUP_C) * stride_xc
+        else:
+            x_c = offs_c * stride_xc
         if MODE == 2:
             acc = tl.full([BLOCK_S, BLOCK_C], float("-inf"), ACC_DTYPE)
         else:
@@ -115,7 +121,7 @@ def _merge_kernel(
         for k in range(0, steps):
             valid = k < count
             t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
-            xv = tl.load(x_row + t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
+            xv = tl.load(x_row + t[:, None] * stride_xt + x_c[None, :],
                          mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
             if MODE == 2:
                 # torch's amax propagates NaN; so do we.

@@ -31,6 +31,8 @@ def launch_merge(
     source: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype] = None,
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    out: Optional[torch.Tensor] = None,
+    grouped: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch (two
     when ``slots``, the slot index (order, starts) of dest, is not given).
@@ -38,9 +40,17 @@ def launch_merge(
     Returns (x' (..., T', C), size' (B, T') float32, source' (B, T', N) or None,
     den (B, T') float32 = slot sums of the pooling weights; unset for max pooling).
     Tokens whose slot is outside [0, T') are in no slot (mctf_kernels.slots).
+    ``out``: where to write x' (its shape, any strides with a unit last dim), e.g. a
+    layout the next op reads without a copy. ``grouped``: x is (B, T, G, D) (any strides,
+    unit last): its G groups of D channels are merged as one row of C = G * D, out (B, T', C).
     """
     x = last_dim_unit(x)
-    if x.dim() == 3:
+    group, sxg = 0, 0
+    if grouped:
+        B, T, G, group = x.shape
+        C = G * group
+        H, sxb, sxh, sxt, sxg, sxc = 1, x.stride(0), 0, x.stride(1), x.stride(2), x.stride(3)
+    elif x.dim() == 3:
         B, T, C = x.shape
         H, sxb, sxh, sxt, sxc = 1, x.stride(0), 0, x.stride(1), x.stride(2)
     else:
@@ -50,8 +60,12 @@ def launch_merge(
     # the kernel indexes dense rows of order and starts: a caller's view is copied if it is not
     order, starts = (s.contiguous() for s in slots) if slots is not None else launch_slot_index(dest, t_out)
 
-    out = torch.empty(*x.shape[:-2], t_out, C, device=device, dtype=out_dtype or x.dtype)
-    sob, soh, sot = (out.stride(0), 0, out.stride(1)) if x.dim() == 3 else out.stride()[:3]
+    lead = (B,) if grouped else tuple(x.shape[:-2])
+    if out is None:
+        out = torch.empty(*lead, t_out, C, device=device, dtype=out_dtype or x.dtype)
+    elif tuple(out.shape) != (*lead, t_out, C) or out.stride(-1) != 1:
+        raise ValueError(f"out must have shape {(*lead, t_out, C)} and a unit last stride")
+    sob, soh, sot = (out.stride(0), 0, out.stride(1)) if out.dim() == 3 else out.stride()[:3]
     new_size = torch.empty(B, t_out, device=device, dtype=torch.float32)
     den = torch.empty(B, t_out, device=device, dtype=torch.float32)
 
@@ -80,7 +94,7 @@ def launch_merge(
     cfg = merge_config(device, B * H, T, t_out, C, N)
     grid = (B * H * triton.cdiv(t_out, cfg["BLOCK_S"]), cfg["SPLIT_C"])
     wrap(_merge_kernel)[grid](
-        x, sxb, sxh, sxt, sxc,
+        x, sxb, sxh, sxt, sxc, sxg,
         order, starts,
         size_arg, ss[0], ss[1],
         attn_arg, sa[0], sa[1],
@@ -89,7 +103,7 @@ def launch_merge(
         new_size, den, new_source if has_source else new_size,
         H, T, t_out, C, N,
         MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
-        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, GROUP_C=group,
         **cfg,
     )
     return out, new_size, new_source, den
