@@ -110,6 +110,14 @@ def main() -> int:
                                               ACC_DTYPE=tl.float32, **cfg),
                        dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps)
         count += 1
+    # with the LayerNorm of x' (whole rows per program: DeiT-S and ViT-L widths)
+    for dtype, mode, C in itertools.product(dtypes, (1, 2), (384, 1024)):
+        cfg = dict(merge_config(GPU, 256, 197, 181, C, 0, whole_rows=True))
+        warps = cfg.pop("num_warps")
+        compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=True, HAS_SOURCE=False, ACC_DTYPE=tl.float32,
+                                              HAS_NORM=True, **cfg),
+                       dtype, ("x_ptr", "out_ptr", "norm_w_ptr", "norm_b_ptr", "normed_ptr"), warps)
+        count += 1
     # the row merge of the one-step-ahead output: (B, T, H, D) rows read as one row of H * D channels
     for dtype, mode in itertools.product(dtypes, (0, 1, 3)):
         cfg = dict(merge_config(GPU, 256, 197, 181, 384, 0))

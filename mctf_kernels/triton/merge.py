@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..merge import merge_reference, pooling_weights  # noqa: F401  (the reference beside its launcher)
+from ..merge import MergeNorm, merge_norm_reference, merge_reference, pooling_weights  # noqa: F401  (references)
 from ._common import custom_op, device_guard, last_dim_unit, wrap
 from ._merge_kernel import _merge_kernel
 from .configs import merge_config
@@ -33,6 +33,7 @@ def launch_merge(
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     out: Optional[torch.Tensor] = None,
     grouped: bool = False,
+    norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch (two
     when ``slots``, the slot index (order, starts) of dest, is not given).
@@ -43,6 +44,8 @@ def launch_merge(
     ``out``: where to write x' (its shape, any strides with a unit last dim), e.g. a
     layout the next op reads without a copy. ``grouped``: x is (B, T, G, D) (any strides,
     unit last): its G groups of D channels are merged as one row of C = G * D, out (B, T', C).
+    ``norm = (weight, bias, eps, normed)``: also write LayerNorm(x') into ``normed`` (B, T', C)
+    (3-d x only), each row normalised by the program that pooled it.
     """
     x = last_dim_unit(x)
     group, sxg = 0, 0
@@ -91,7 +94,13 @@ def launch_merge(
     if B * H * t_out == 0:
         return out, new_size, new_source, den
 
-    cfg = merge_config(device, B * H, T, t_out, C, N)
+    has_norm = norm is not None
+    if has_norm:
+        norm_w, norm_b, eps, normed = norm
+        norm_args = (norm_w, norm_b, normed, normed.stride(0), normed.stride(1), float(eps))
+    else:
+        norm_args = (new_size, new_size, new_size, 0, 0, 0.0)  # placeholders, never read
+    cfg = merge_config(device, B * H, T, t_out, C, N, whole_rows=has_norm)
     grid = (B * H * triton.cdiv(t_out, cfg["BLOCK_S"]), cfg["SPLIT_C"])
     wrap(_merge_kernel)[grid](
         x, sxb, sxh, sxt, sxc, sxg,
@@ -101,9 +110,10 @@ def launch_merge(
         src_arg, sn[0], sn[1], sn[2],
         out, sob, soh, sot,
         new_size, den, new_source if has_source else new_size,
+        *norm_args,
         H, T, t_out, C, N,
         MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
-        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, GROUP_C=group,
+        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, GROUP_C=group, HAS_NORM=has_norm,
         **cfg,
     )
     return out, new_size, new_source, den
@@ -197,6 +207,36 @@ def _backward(ctx, grad_out, _g_size, _g_source, _g_den):
 merge_op = custom_op("merge", _merge_impl, _backward, _setup_context)
 
 
+def _merge_norm_impl(
+    x: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+    source: Optional[torch.Tensor],
+    order: Optional[torch.Tensor],
+    starts: Optional[torch.Tensor],
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    norm_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    slots = None if order is None else (order, starts)
+    B, T, C = x.shape
+    normed = torch.empty(B, t_out, C, device=x.device, dtype=norm_dtype)
+    with device_guard(x):
+        out, new_size, new_source, _den = launch_merge(x, dest, t_out, size, attn_received, mode, source, slots=slots,
+                                                       norm=(norm_weight, norm_bias, eps, normed))
+    if new_source is None:  # custom ops cannot return None
+        new_source = x.new_empty(0)
+    return out, new_size, new_source, normed
+
+
+# No autograd: taken only when no gradient is needed (``merge`` checks), else merge + LayerNorm.
+merge_norm_op = custom_op("merge_norm", _merge_norm_impl)
+
+
 def merge(
     x: torch.Tensor,
     dest: torch.Tensor,
@@ -207,8 +247,11 @@ def merge(
     mode: int = 1,
     source: Optional[torch.Tensor] = None,
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None).
+    norm: Optional[MergeNorm] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None),
+    and with ``norm`` LayerNorm(x') in ``norm.dtype``: computed by the merge kernel itself
+    when no gradient is needed, otherwise by torch's layer_norm on x' (differentiable).
 
     ``slots``: dest's slot index (order, starts) when already computed (``slot_index``)."""
     B, T, _ = x.shape
@@ -220,5 +263,13 @@ def merge(
         if source.device != x.device:
             raise ValueError(f"source is on {source.device} but the tokens are on {x.device}")
     order, starts = (None, None) if slots is None else slots
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, None if norm is None else norm.weight,
+                                                     None if norm is None else norm.bias))
+    if norm is not None and not wants_grad:
+        out, new_size, new_source, normed = merge_norm_op(x, dest, t_out, size, attn_received, mode, source, order,
+                                                          starts, norm.weight, norm.bias, float(norm.eps), norm.dtype)
+        return out, new_size, (new_source if source is not None else None), normed
     out, new_size, new_source, _den = merge_op(x, dest, t_out, size, attn_received, mode, source, order, starts)
-    return out, new_size, (new_source if source is not None else None)
+    merged = (out, new_size, (new_source if source is not None else None))
+    return merged if norm is None else (*merged, merge_norm_reference(out, norm))
