@@ -173,6 +173,16 @@ def attention_received_qk_config(T: int, D: int, gpu: bool, wide_dtype: bool = F
                 ONE_TILE=False, PER_IMAGE=False, num_warps=8, num_stages=None, maxnreg=None)
 
 
+def gather_values_config(T: int, D: int, gpu: bool) -> dict:
+    """``_gather_values_kernel``: tokens per program, head-dim block, warps. A copy: 32
+    tokens x one head's D channels per step on 4 warps (16 fp16 values per thread at
+    D = 64); the interpreter takes every token in one program."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if not gpu:
+        return dict(BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d, num_warps=4)
+    return dict(BLOCK_T=32, BLOCK_D=block_d, num_warps=4)
+
+
 def attention_output_config(D: int, D_QK: int, gpu: bool, wide_dtype: bool = False) -> dict:
     """``_fused_attention_output_kernel``: query rows per tile (in slot order), keys per
     step, head-dim blocks, the block of the size-max scan, warps, the register cap
@@ -193,13 +203,3 @@ def attention_output_config(D: int, D_QK: int, gpu: bool, wide_dtype: bool = Fal
                     maxnreg=None)
     return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256,
                 num_warps=8, maxnreg=128)
-
-
-def gather_values_config(T: int, D: int, gpu: bool) -> dict:
-    """``_gather_values_kernel``: tokens per program, head-dim block, warps. A copy: 32
-    tokens x one head's D channels per step on 4 warps (16 fp16 values per thread at
-    D = 64); the interpreter takes every token in one program."""
-    block_d = max(16, triton.next_power_of_2(D))
-    if not gpu:
-        return dict(BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d, num_warps=4)
-    return dict(BLOCK_T=32, BLOCK_D=block_d, num_warps=4)

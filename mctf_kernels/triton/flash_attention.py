@@ -33,8 +33,8 @@ returned ``FusionAttention`` keeps the original q, k so that
 eager: it recomputes the explicit softmax from q, k with torch autograd (float32, or
 float64 for float64 inputs) and reuses ``fused_attention_output``'s deterministic
 backward for the P @ V' part. ``lse``, ``log_size``, ``size`` and ``attn_received``
-are treated as constants (the output is a function of q, k, v only; ``lse`` is accepted
-for the op's signature and not read).
+are treated as constants (the output is a function of q, k, v only; the given
+``lse`` is the one q, k imply).
 """
 from __future__ import annotations
 
@@ -60,11 +60,11 @@ from .slots import launch_slot_index
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _launch_lse_received(q, k, log_size, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+def _launch_lse_received(q, k, log_size, scale, want_received: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """One launch: lse (B, H, T) float32 and ``received`` (B, T) float32. With
     ``PER_IMAGE`` the kernel writes ``received`` itself; otherwise it writes per-(head,
     query block) column sums, already divided by H * T, and one ``sum`` adds them in a
-    fixed order.
+    fixed order (skipped when not ``want_received``: then the partials come back).
     Either way ``received`` is bit-identical run to run (no atomics)."""
     B, H, T, D = q.shape
     gpu = configs.gpu_configs(q.device)
@@ -87,7 +87,7 @@ def _launch_lse_received(q, k, log_size, scale) -> Tuple[torch.Tensor, torch.Ten
             **{n: cfg[n] for n in ("num_stages", "maxnreg") if cfg[n] is not None},
         )
     # Heads and query blocks summed in a fixed order (deterministic, no atomics).
-    return lse, part if cfg["PER_IMAGE"] else part.sum(dim=1)
+    return lse, part if cfg["PER_IMAGE"] or not want_received else part.sum(dim=1)
 
 
 # ---------------------------------------------------------------- fusion_attention
@@ -226,7 +226,7 @@ def fused_attention_output_qk(
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Triton ``fused_attention_output_qk``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3,
-    recomputing P from q, k (``lse``, checked when given, is not needed). ``slots`` is the slot
+    recomputing P from q, k (the forward does not read ``lse``; checked when given). ``slots`` is the slot
     index ``(order, starts)`` of ``dest`` (``slot_index(dest, t_out)``) when the caller
     already has it. The result is a (B, H, T', D) view of (B, T', H, D) storage, the
     layout the output projection reads."""
