@@ -96,7 +96,10 @@ def launch_merge(
 
     has_norm = norm is not None
     if has_norm:
+        if grouped or x.dim() != 3:
+            raise ValueError("norm= merges (B, T, C) tokens only")
         norm_w, norm_b, eps, normed = norm
+        norm_w, norm_b = norm_w.contiguous(), norm_b.contiguous()  # indexed by channel, unit stride
         norm_args = (norm_w, norm_b, normed, normed.stride(0), normed.stride(1), float(eps))
     else:
         norm_args = (new_size, new_size, new_size, 0, 0, 0.0)  # placeholders, never read
