@@ -91,3 +91,18 @@ def test_merge_norm_bad_args(device, triton_backend):
         mk.merge(x, dest, t_out, size, received, norm=mk.MergeNorm(weight, bias, float("nan"), torch.float32))
     with pytest.raises(ValueError, match="norm.dtype"):
         mk.merge(x, dest, t_out, size, received, norm=mk.MergeNorm(weight, bias, 1e-6, torch.int32))
+
+
+def test_merge_norm_with_sources(device, triton_backend):
+    """Source tracing (the model's trace_source) with the folded norm: the same sources,
+    tokens and sizes as a merge without it, with the GPU configuration."""
+    B, T, C = 2, 197, 384
+    x, dest, t_out, received, size, weight, bias = _inputs(B, T, C, torch.float32, device)
+    source = torch.eye(T, device=device).expand(B, T, T)
+    with torch.no_grad(), force_gpu_configs():
+        got = mk.merge(x, dest, t_out, size, received, mode=1, source=source,
+                       norm=mk.MergeNorm(weight, bias, 1e-6, torch.float32))
+        plain = mk.merge(x, dest, t_out, size, received, mode=1, source=source)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], plain))
+    exact = F.layer_norm(got[0].double(), (C,), weight.double(), bias.double(), 1e-6)
+    assert (got[3].double() - exact).abs().max().item() <= TOL[torch.float32] * max(1.0, exact.abs().max().item())
