@@ -106,3 +106,25 @@ def test_merge_norm_with_sources(device, triton_backend):
     assert all(torch.equal(a, b) for a, b in zip(got[:3], plain))
     exact = F.layer_norm(got[0].double(), (C,), weight.double(), bias.double(), 1e-6)
     assert (got[3].double() - exact).abs().max().item() <= TOL[torch.float32] * max(1.0, exact.abs().max().item())
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_grouped_rows_in_either_layout(device, triton_backend, gpu):
+    """The row merge of the one-step-ahead output reads the attention's (B, H, T, D) result
+    as (B, T, H, D) rows of H * D channels (GROUP_C), whichever layout the attention
+    backend chose (BHTD on CPU, BTHD from the GPU's fused kernels): bit-identical to
+    merging the same rows made contiguous, written into the caller's (B, T', H, D) out."""
+    from mctf_kernels.triton.merge import launch_merge
+
+    B, T, H, D = 2, 197, 6, 48
+    dest, t_out = make_dest("bi-1", B, T, device)
+    received = torch.rand(B, T, device=device)
+    size = torch.randint(1, 5, (B, T), device=device).float()
+    rows = torch.randn(B, T, H, D, device=device, dtype=torch.float16)
+    with torch.no_grad(), force_gpu_configs() if gpu else torch.no_grad():
+        want = launch_merge(rows.reshape(B, T, H * D), dest, t_out, size, received, 1, None)
+        for layout in (rows, rows.transpose(1, 2).contiguous().transpose(1, 2)):  # BTHD, then BHTD storage
+            out = torch.empty(B, t_out, H, D, device=device, dtype=rows.dtype)
+            got = launch_merge(layout, dest, t_out, size, received, 1, None, out=out.view(B, t_out, H * D),
+                               grouped=True)
+            assert torch.equal(out.view(B, t_out, H * D), want[0]) and torch.equal(got[3], want[3])
