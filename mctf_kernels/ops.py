@@ -148,7 +148,7 @@ def merge(
     """Pool tokens sharing a slot. Returns (x' (B, T', C), size' (B, T') float32,
     source' (B, T', N) or None), and with ``norm`` a fourth item, LayerNorm(x') in
     ``norm.dtype`` (the Triton path computes it in the merge's own pass when no gradient
-    is needed; docs/algorithm.md, "Pooling"). ``size=None`` means all ones.
+    is needed; docs/algorithm.md, "One-step-ahead attention"). ``size=None`` means all ones.
 
     A slot whose pooling weights sum to exactly 0 (e.g. every member received 0.0
     attention) is the unweighted mean of its members; a NaN or inf in a token reaches
