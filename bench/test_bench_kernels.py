@@ -42,9 +42,12 @@ BYTES_FORMULA = {
     "attention_received": "B*H*T*T*e (attn) + B*T*4 (attn_received)",
     "fused_attention_output": "B*H*T*T*e (attn) + B*H*T'*D*e (v') + B*T*(8+4+4) (dest, size, attn_received) "
                               "+ B*H*T'*D*e (output)",
-    # flash-style path: P is recomputed from q, k and never stored
+    # flash-style path: P is recomputed from q, k and never stored. fusion_attention writes
+    # lse and received in one launch; fused_attention_output_qk does not read lse (torch's
+    # attention recomputes the softmax) and its V'[dest] (B*H*T*D*e, written and read once
+    # more) is an intermediate, not counted
     "fusion_attention": "2*B*H*T*D*e (q, k) + B*T*4 (log_size) + B*H*T*4 (lse) + B*T*4 (received)",
-    "fused_attention_output_qk": "2*B*H*T*D*e (q, k) + B*H*T*4 (lse) + B*H*T'*D*e (v') "
+    "fused_attention_output_qk": "2*B*H*T*D*e (q, k) + B*T*4 (log_size) + B*H*T'*D*e (v') "
                                  "+ B*T*(8+4+4) (dest, size, attn_received) + B*H*T'*D*e (output)",
 }
 
@@ -62,7 +65,7 @@ def bytes_moved(op: str, B: int, T: int, C: int, H: int, t_out: int, e: int) -> 
     if op == "fusion_attention":
         return 2 * B * H * T * D * e + B * T * 4 + B * H * T * 4 + B * T * 4
     if op == "fused_attention_output_qk":
-        return 2 * B * H * T * D * e + B * H * T * 4 + 2 * B * H * t_out * D * e + B * T * (8 + 4 + 4)
+        return 2 * B * H * T * D * e + B * T * 4 + 2 * B * H * t_out * D * e + B * T * (8 + 4 + 4)
     raise ValueError(op)
 
 
@@ -72,9 +75,11 @@ def flops(op: str, B: int, T: int, C: int, H: int, t_out: int) -> int:
         return 2 * B * ((T + 1) // 2) * (T // 2) * C
     if op == "fused_attention_output":  # P @ V'[dest]
         return 2 * B * H * T * T * (C // H)
-    if op == "fusion_attention":  # q k^T twice (log-sum-exp pass, column-sum pass)
-        return 2 * 2 * B * H * T * T * (C // H)
-    if op == "fused_attention_output_qk":  # q k^T, then P @ V'[dest]
+    if op == "fusion_attention":  # q k^T once for T <= 256 (the key row is one on-chip tile), else
+        # twice (a log-sum-exp loop, then a column-sum loop): configs.ATTENTION_ONE_TILE_MAX_T
+        from mctf_kernels.triton.configs import ATTENTION_ONE_TILE_MAX_T
+        return (1 if T <= ATTENTION_ONE_TILE_MAX_T else 2) * 2 * B * H * T * T * (C // H)
+    if op == "fused_attention_output_qk":  # q k^T, then P @ V'[dest] (torch's fused attention)
         return 2 * 2 * B * H * T * T * (C // H)
     return 0
 

@@ -12,7 +12,7 @@ from .attention import (
 )
 from .dispatch import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
 from .match import match_from_scores_reference, match_reference
-from .merge import merge_reference, pooling_weights
+from .merge import MergeNorm, merge_norm_reference, merge_reference, pooling_weights
 from .ops import (
     attention_received,
     fused_attention_output,
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
     "tokens_to_remove", "split_directions",
-    "match", "merge", "slot_index", "SlotIndex", "slot_index_reference", "attention_received", "fused_attention_output",
+    "match", "merge", "MergeNorm", "merge_norm_reference", "slot_index", "SlotIndex", "slot_index_reference", "attention_received", "fused_attention_output",
     "fusion_attention", "fused_attention_output_from", "FusionAttention",
     "attention_logits_reference", "fusion_attention_reference", "fused_attention_output_qk_reference",
     "scores_reference", "match_reference", "match_from_scores_reference", "merge_reference",

@@ -17,9 +17,10 @@ Defined results for degenerate inputs (docs/algorithm.md, "Accepted inputs"):
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import check_dest, check_per_token, check_pooling, check_source
 
@@ -121,3 +122,19 @@ def merge_reference(
             check_source(source, B, T, x.device)
             new_source = segment_max(source, dest, t_out)
     return merge_tokens_reference(x, dest, t_out, weights), new_size, new_source
+
+
+class MergeNorm(NamedTuple):
+    """A LayerNorm applied to the merged tokens in the same pass (``merge(..., norm=)``):
+    ``LayerNorm(x')`` over the channels with ``weight``, ``bias`` (C,) and ``eps``, returned
+    in ``dtype`` (e.g. the autocast dtype the next projection casts to)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    dtype: torch.dtype
+
+
+def merge_norm_reference(x_new: torch.Tensor, norm: MergeNorm) -> torch.Tensor:
+    """LayerNorm of the merged tokens x' (as stored, in x's dtype), cast to ``norm.dtype``."""
+    return F.layer_norm(x_new, (x_new.shape[-1],), norm.weight, norm.bias, norm.eps).to(norm.dtype)

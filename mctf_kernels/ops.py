@@ -41,7 +41,7 @@ from .attention import (
     fusion_attention_reference,
 )
 from .match import _check_r, match_reference
-from .merge import merge_reference
+from .merge import MergeNorm, merge_norm_reference, merge_reference
 from .slots import SlotIndex, slot_index_reference
 from .scores import check_score
 
@@ -154,9 +154,12 @@ def merge(
     source: Optional[torch.Tensor] = None,
     slots: Optional[SlotIndex] = None,
     validate: Optional[bool] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    norm: Optional[MergeNorm] = None,
+) -> Tuple[torch.Tensor, ...]:
     """Pool tokens sharing a slot. Returns (x' (B, T', C), size' (B, T') float32,
-    source' (B, T', N) or None). ``size=None`` means all ones.
+    source' (B, T', N) or None), and with ``norm`` a fourth item, LayerNorm(x') in
+    ``norm.dtype`` (the Triton path computes it in the merge's own pass when no gradient
+    is needed; docs/algorithm.md, "One-step-ahead attention"). ``size=None`` means all ones.
 
     A slot whose pooling weights sum to exactly 0 (e.g. every member received 0.0
     attention) is the unweighted mean of its members; a NaN or inf in a token reaches
@@ -175,6 +178,7 @@ def merge(
         raise ValueError("merge mode 1 (attention-and-size pooling) needs attn_received")
     check_source(source, B, T, x.device)
     _check_slots(slots, B, T, t_out, x.device)
+    _check_merge_norm(norm, x)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
         check_finite("x", x)
@@ -182,8 +186,26 @@ def merge(
         check_received("attn_received", attn_received)
     launcher = dispatch.select("merge", x.device, _interpreter_bf16_reason(x.device, (x, size, attn_received, source)))
     if launcher is None or B == 0:
-        return merge_reference(x, dest, t_out, size, attn_received, mode=mode, source=source)
-    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots)
+        merged = merge_reference(x, dest, t_out, size, attn_received, mode=mode, source=source)
+        return merged if norm is None else (*merged, merge_norm_reference(merged[0], norm))
+    if norm is None:
+        return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots)
+    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots, norm=norm)
+
+
+def _check_merge_norm(norm: Optional[MergeNorm], x: torch.Tensor) -> None:
+    if norm is None:
+        return
+    if not isinstance(norm, MergeNorm):
+        raise TypeError(f"norm must be an mctf_kernels.MergeNorm, got {type(norm).__name__}")
+    C = x.shape[-1]
+    for name, t in (("norm.weight", norm.weight), ("norm.bias", norm.bias)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,) or t.device != x.device or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating ({C},) tensor on {x.device}")
+    if not isinstance(norm.eps, (int, float)) or isinstance(norm.eps, bool) or not 0 <= norm.eps < float("inf"):
+        raise ValueError(f"norm.eps must be a finite number >= 0, got {norm.eps!r}")
+    if norm.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"norm.dtype must be a floating dtype, got {norm.dtype}")
 
 
 def attention_received(attn: torch.Tensor, *, validate: Optional[bool] = None) -> torch.Tensor:

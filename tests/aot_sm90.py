@@ -113,6 +113,22 @@ def main() -> int:
                                               ACC_DTYPE=tl.float32, **cfg),
                        dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps)
         count += 1
+    # with the LayerNorm of x' (whole rows per program: DeiT-S and ViT-L widths)
+    for dtype, mode, C in itertools.product(dtypes, (1, 2), (384, 1024)):
+        cfg = dict(merge_config(GPU, 256, 197, 181, C, 0, whole_rows=True))
+        warps = cfg.pop("num_warps")
+        compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=True, HAS_SOURCE=False, ACC_DTYPE=tl.float32,
+                                              HAS_NORM=True, **cfg),
+                       dtype, ("x_ptr", "out_ptr", "norm_w_ptr", "norm_b_ptr", "normed_ptr"), warps)
+        count += 1
+    # the row merge of the one-step-ahead output: (B, T, H, D) rows read as one row of H * D channels
+    for dtype, mode in itertools.product(dtypes, (0, 1, 3)):
+        cfg = dict(merge_config(GPU, 256, 197, 181, 384, 0))
+        warps = cfg.pop("num_warps")
+        compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=True, HAS_SOURCE=False, ACC_DTYPE=tl.float32,
+                                              GROUP_C=64, **cfg),
+                       dtype, ("x_ptr", "out_ptr"), warps)
+        count += 1
     for T in (197, 577):
         cfg = dict(slot_index_config(GPU, T, T - 16))
         warps = cfg.pop("num_warps")
@@ -135,7 +151,13 @@ def main() -> int:
                 compile_kernel(FK._attention_lse_received_kernel, consts, dtype, ("q_ptr", "k_ptr"),
                                cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
                 count += 1
-        # the model's path (from q, k; attention-and-size pooling) everywhere, every option once
+        for has_log in (False, True):  # V'[dest] and the log-size mask of the output's attention
+            cfg = dict(configs.gather_values_config(197, D, True))
+            warps = cfg.pop("num_warps")
+            compile_kernel(FK._gather_values_kernel, dict(HAS_LOG_SIZE=has_log, **cfg), dtype,
+                           ("v_ptr", "out_ptr", "bias_ptr"), warps)
+            count += 1
+        # P' @ V' from P or (no longer the model's path) from q, k; every option once
         options = [(True, 1, True)] + ([o for o in itertools.product((False, True), (0, 1, 3), (False, True))
                                         if o != (True, 1, True)] if (dtype, D) == ("fp16", 64) else [])
         for from_qk, mode, has_size in options:

@@ -18,10 +18,14 @@ from kernel_counts import per_block_kernels, tiny_patched_model
 from mctf.patch.timm import _QKV_CASTS, _split_qkv
 
 # Budgets per fused layer (the third block: sizes are known, so proportional attention is
-# on), as measured now: 17 with a half model, 26 under CPU autocast (the first design: 32
-# and 45, with two sorts per layer, size maxima, re-cast weight slices and three q.k^T passes).
+# on), as measured now: 18 with a half model, 26 under CPU autocast. The first design: 32
+# and 45 (two sorts per layer, size maxima, re-cast weight slices, three q.k^T passes); the
+# second 17 and 26, with P' @ V' as one Triton kernel that the static sm_90 report
+# estimated at ~60% of the MCTF time, now gather + torch's fused attention + row merge
+# (+2), while norm1 of the fused tokens comes from the merge kernel (-1; under autocast
+# already in the autocast dtype: -1 cast).
 # The target for a GPU forward is 14 (tests/test_sm90_structure.py counts that path).
-BUDGET = {"fp16 model": 17, "fp16 autocast": 26}
+BUDGET = {"fp16 model": 18, "fp16 autocast": 26}
 
 
 def _count(label):
@@ -39,7 +43,8 @@ def test_fused_layer_kernel_budget(label):
     assert "triton._merge_kernel" not in plain and len(plain) <= 20
     for blk in (first, fused):
         assert len(blk) <= BUDGET[label], blk
-        assert blk.count("triton._merge_kernel") == 1
+        # the tokens' merge, and the row merge of the one-step-ahead output
+        assert blk.count("triton._merge_kernel") == 2
         # the slot index is a kernel, not a sort; the size maximum is folded into the merge
         assert not {"aten.sort", "aten.searchsorted", "aten.arange"} & set(blk), blk
         assert 1 <= blk.count("triton._slot_index_kernel") <= 2
@@ -55,8 +60,9 @@ def test_fused_layer_kernel_budget(label):
                 while j > 0 and fused[j - 1] == "aten._to_copy":
                     j -= 1
                 linear_casts.append(i - j)
+        # (the value projection's input comes from the merge kernel already in the autocast dtype)
         qk_casts, v_casts = linear_casts[0], linear_casts[1]
-        assert (qk_casts, v_casts) == (1, 1), fused
+        assert (qk_casts, v_casts) == (1, 0), fused
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches on CPU")

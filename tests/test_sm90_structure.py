@@ -26,8 +26,11 @@ PATHS = {
     "vit_l16_384-fp16": ("vit_large_patch16_384", 2, "fp16", {"img_size": 384}),
 }
 MAX_KERNELS_PER_FUSED_LAYER = 14  # Triton launches + kernel-launching torch ops (a plain timm block: 11)
-# What the kernels reach today (the target above is still missed): a regression ceiling.
-KERNELS_PER_FUSED_LAYER_NOW = {"deit_s-fp16": 17, "deit_s-autocast": 20}
+# What the kernels reach today (the target above is still missed): a regression ceiling. v3
+# trades kernels for time: P' @ V' as gather + torch's fused attention + row merge (+2; the
+# report's estimate: about a third of the one Triton kernel it replaces), while norm1 of
+# the fused tokens moves into the merge kernel (-1; under autocast also its cast: -2).
+KERNELS_PER_FUSED_LAYER_NOW = {"deit_s-fp16": 18, "deit_s-autocast": 20}
 
 
 def _xfail(reason):
@@ -43,8 +46,8 @@ EXPECTATIONS = [
     ("deit_s-fp16", "no_spills", ()),
     ("deit_s-autocast", "no_spills", ()),
     ("vit_l16_384-fp16", "no_spills", ()),
-    ("deit_s-fp16", "kernels_per_fused_layer", _xfail("17 GPU kernels per fused layer (v1: 32)")),
-    ("deit_s-autocast", "kernels_per_fused_layer", _xfail("20 GPU kernels per fused layer (v1: 39)")),
+    ("deit_s-fp16", "kernels_per_fused_layer", _xfail("18 GPU kernels per fused layer (v1: 32, v2: 17)")),
+    ("deit_s-autocast", "kernels_per_fused_layer", _xfail("20 GPU kernels per fused layer (v1: 39, v2: 20)")),
     ("deit_s-fp16", "kernels_per_fused_layer_now", ()),
     ("deit_s-autocast", "kernels_per_fused_layer_now", ()),
     ("deit_s-fp16", "mma_in_dot_kernels", ()),

@@ -215,12 +215,13 @@ def test_fused_attention_output_qk_bad_args(device, triton_backend):
 
 
 def test_flash_path_runs_the_kernels(device, triton_backend, monkeypatch):
-    """The model-facing ops reach the launchers and their kernels (never the references)."""
-    from mctf_kernels.triton import _attention_kernel, _flash_attention_kernel
+    """The model-facing ops reach the launchers and their kernels (never the references):
+    lse + received; then V'[dest] gathered, torch's fused attention, and the row merge."""
+    from mctf_kernels.triton import _flash_attention_kernel, _merge_kernel
 
     kernels = []
     for module, name in ((_flash_attention_kernel, "_attention_lse_received_kernel"),
-                         (_attention_kernel, "_fused_attention_output_kernel")):
+                         (_flash_attention_kernel, "_gather_values_kernel"), (_merge_kernel, "_merge_kernel")):
         kernel = getattr(module, name)
         monkeypatch.setattr(kernel, "run",
                             lambda *a, _run=kernel.run, _n=name, **kw: kernels.append(_n) or _run(*a, **kw))
@@ -233,9 +234,10 @@ def test_flash_path_runs_the_kernels(device, triton_backend, monkeypatch):
     q, k, ls = make_qk(1, 2, 5, 16, torch.float32, device, True)
     att = mk.fusion_attention(q, k, scale=0.25, log_size=ls)
     dest = torch.tensor([[0, 1, 1, 2, 0]], device=device)
-    mk.fused_attention_output_from(att, torch.randn(1, 2, 3, 16, device=device), dest, 3, None, mode=1)
-    assert calls == ["fusion_attention", "fused_attention_output_qk"]
-    assert kernels == ["_attention_lse_received_kernel", "_fused_attention_output_kernel"]
+    mk.fused_attention_output_from(att, torch.randn(1, 2, 3, 16, device=device), dest, 3, None, mode=1,
+                                   slots=slot_index(dest, 3))
+    assert calls == ["fusion_attention", "fused_attention_output_qk"], calls
+    assert kernels == ["_attention_lse_received_kernel", "_gather_values_kernel", "_merge_kernel"]
 
 
 # ---------------------------------------------------------------- the GPU launch configurations
@@ -352,19 +354,20 @@ def test_garbage_slot_index_stays_in_bounds(device, triton_backend):
 
 @pytest.mark.parametrize("fills_gpu", (False, True))
 def test_one_fused_layer_launches(device, triton_backend, monkeypatch, fills_gpu):
-    """Per fused layer the attention costs two Triton launches (lse + received; P' @ V')
-    when the slot index is shared: q.k^T is computed twice (T <= 256). A batch that fills
-    the GPU (GPU configs) gets received from one program per image and launches nothing
-    else; a smaller one adds one torch kernel, the fixed-order sum of the partials."""
+    """Per fused layer the attention costs three Triton launches (lse + received; V'[dest]
+    with the log-size mask; the row merge) and torch's fused attention, when the slot index
+    is shared: q.k^T is computed twice (T <= 256). A batch that fills the GPU (GPU configs)
+    gets received from one program per image and launches nothing else; a smaller one adds
+    one torch kernel, the fixed-order sum of the partials."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mctf_kernels.triton import _attention_kernel, _flash_attention_kernel, configs, flash_attention
+    from mctf_kernels.triton import _flash_attention_kernel, _merge_kernel, configs, flash_attention
 
     monkeypatch.setattr(configs, "sm_count", lambda _device: 1 if fills_gpu else 1 << 20)
 
     launches = []
     for module, name in ((_flash_attention_kernel, "_attention_lse_received_kernel"),
-                         (_attention_kernel, "_fused_attention_output_kernel")):
+                         (_flash_attention_kernel, "_gather_values_kernel"), (_merge_kernel, "_merge_kernel")):
         kernel = getattr(module, name)
         monkeypatch.setattr(kernel, "run", lambda *a, _n=name, **kw: launches.append(_n))  # count, do not run
 
@@ -392,8 +395,11 @@ def test_one_fused_layer_launches(device, triton_backend, monkeypatch, fills_gpu
     with CountOps() as counter, force_gpu_configs():
         received, lse = flash_attention._fusion_attention_impl(q, k, ls, D ** -0.5)
         flash_attention._fused_qk_impl(q, k, lse, ls, D ** -0.5, v, dest, t_out, size, received, 1, *slots)
-    assert launches == ["_attention_lse_received_kernel", "_fused_attention_output_kernel"]
-    assert counter.ops == ([] if fills_gpu else ["sum"]), counter.ops
+    assert launches == ["_attention_lse_received_kernel", "_gather_values_kernel", "_merge_kernel"]
+    attention = [op for op in counter.ops if "scaled_dot_product" in op]
+    assert len(attention) == 1, counter.ops  # one fused-attention kernel (the CPU one here)
+    others = [op for op in counter.ops if op not in attention]
+    assert others == ([] if fills_gpu else ["sum"]), counter.ops
 
 
 def test_received_one_program_per_image(device, triton_backend, monkeypatch):

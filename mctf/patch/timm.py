@@ -17,11 +17,17 @@ from mctf.config import MCTFConfig, ToMeConfig
 from mctf.state import MCTFState
 
 try:  # timm is a model-layer dependency only
+    from timm.layers.norm import LayerNorm as TimmLayerNorm
     from timm.models.vision_transformer import Attention as TimmAttention
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 except ImportError as exc:  # pragma: no cover - timm is a hard dependency
     raise ImportError("mctf.patch.timm needs timm >= 1.0") from exc
+
+
+# LayerNorm classes whose forward is F.layer_norm (timm's unless fast_norm is on): norm1 of
+# the fused tokens may then be computed by the merge kernel
+_PLAIN_LAYER_NORM_FORWARDS = (torch.nn.LayerNorm.forward, TimmLayerNorm.forward)
 
 
 class UnsupportedModelError(TypeError):
@@ -139,8 +145,26 @@ class MCTFBlock(TimmBlock):
     _mctf_index: int
     _mctf_state: MCTFState
 
-    def _fuse(self, x: torch.Tensor, attn_received: torch.Tensor, r: int, state: MCTFState):
-        """Match and merge x using the attention each token received; updates the state."""
+    def _fused_norm1(self, x: torch.Tensor) -> Optional[mk.MergeNorm]:
+        """norm1 as a LayerNorm the merge can apply in its own pass (inference only: the
+        merge kernel's LayerNorm output has no backward), in the dtype the value projection
+        reads (under autocast: the autocast dtype it would cast to). None: keep norm1."""
+        norm = self.norm1
+        # plain F.layer_norm only (timm's LayerNorm with fast_norm, or other subclasses, may differ)
+        if (torch.is_grad_enabled() or not isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "_fast_norm", False)
+                or type(norm).forward not in _PLAIN_LAYER_NORM_FORWARDS or norm.weight is None or norm.bias is None
+                or tuple(norm.normalized_shape) != (x.shape[-1],)):
+            return None
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        if x.dtype == torch.float64:  # autocast leaves float64 alone
+            dtype = x.dtype
+        return mk.MergeNorm(norm.weight, norm.bias, float(norm.eps), dtype)
+
+    def _fuse(self, x: torch.Tensor, attn_received: torch.Tensor, r: int, state: MCTFState,
+              norm: Optional[mk.MergeNorm] = None):
+        """Match and merge x using the attention each token received; updates the state.
+        With ``norm``, also returns LayerNorm(x') computed in the merge's pass (else None)."""
         cfg = state.config
         T = x.shape[1]
         t_out = T - r
@@ -154,14 +178,15 @@ class MCTFBlock(TimmBlock):
             source = torch.eye(T, device=x.device, dtype=x.dtype).expand(x.shape[0], T, T)
         old_size = state.size
         slots = mk.slot_index(dest, t_out)  # once per layer: the merge and the attention output share it
-        x_new, new_size, new_source = mk.merge(
+        merged = mk.merge(
             x, dest, t_out, old_size, attn_received, mode=cfg.pooling,
-            source=source if cfg.trace_source else None, slots=slots,
+            source=source if cfg.trace_source else None, slots=slots, norm=norm,
         )
+        x_new, new_size, new_source = merged[:3]
         state.size = new_size
         if cfg.trace_source:
             state.source = new_source
-        return x_new, dest, old_size, attn_received, slots
+        return x_new, dest, old_size, attn_received, slots, (merged[3] if norm is not None else None)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
         if attn_mask is not None or is_causal or kwargs:
@@ -176,17 +201,18 @@ class MCTFBlock(TimmBlock):
             q, k = _queries_keys(self.attn, self.norm1(x))
             if self.training and self.attn.attn_drop.p > 0:  # dropout needs P formed
                 probs = self.attn.attn_drop(_softmax_probs(self.attn, q, k, size))
-                x, dest, old_size, received, slots = self._fuse(x, mk.attention_received(probs.detach()), r, state)
+                x, dest, old_size, received, slots, _ = self._fuse(x, mk.attention_received(probs.detach()), r, state)
                 heads = mk.fused_attention_output(
                     probs, _values(self.attn, self.norm1(x)), dest, x.shape[1], old_size, received, mode=cfg.pooling,
                     slots=slots,
                 )
             else:
                 att = mk.fusion_attention(q, k, scale=self.attn.scale, log_size=_log_size(size), mode=cfg.pooling)
-                x, dest, old_size, _, slots = self._fuse(x, att.received, r, state)
+                # norm1 of the fused tokens comes from the merge's own pass when it can
+                x, dest, old_size, _, slots, normed = self._fuse(x, att.received, r, state, self._fused_norm1(x))
                 heads = mk.fused_attention_output_from(
-                    att, _values(self.attn, self.norm1(x)), dest, x.shape[1], old_size, mode=cfg.pooling,
-                    slots=slots,
+                    att, _values(self.attn, self.norm1(x) if normed is None else normed), dest, x.shape[1],
+                    old_size, mode=cfg.pooling, slots=slots,
                 )
             x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
         elif r > 0 and cfg.one_step_ahead == 2:

@@ -162,3 +162,36 @@ def _attention_lse_received_kernel(
                 p = tl.where(mask_m[:, None], tl.exp(s - lse[:, None]), 0.0)
                 tl.store(part_row + offs_k, tl.sum(p, axis=0) * inv_norm, mask=mask_k)
         tl.store(lse_ptr + bh * T + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _gather_values_kernel(
+    v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,  # V' (B, H, T', D)
+    dest_ptr, stride_db, stride_dt,
+    logs_ptr, stride_lb, stride_lt,  # log_size (B, T) float32: HAS_LOG_SIZE only
+    out_ptr,  # V'[dest] (B, T, H, D), contiguous: the value operand of the P @ V'[dest] attention
+    bias_ptr, stride_bb,  # (B, >= T) in q's dtype: log_size as the attention's additive mask
+    H, T, T_out, D,
+    HAS_LOG_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_D: tl.constexpr,
+):
+    """Each key token's slot value V'[dest[t]] for every head (zero when its slot is outside
+    [0, T'): such a key adds nothing to any row) and, in the same launch, log_size rounded
+    to q's dtype: the two operands the attention over the pre-fusion keys needs."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    slot = tl.load(dest_ptr + b * stride_db + offs_t * stride_dt, mask=mask_t, other=-1)
+    valid = mask_t & (slot >= 0) & (slot < T_out)
+    slot = tl.where(valid, slot, 0)  # every read stays inside V'
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    src = v_ptr + b * stride_vb + slot[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    dst = out_ptr + ((b * T + offs_t[:, None]) * H) * D + offs_d[None, :]
+    for h in range(0, H):
+        vals = tl.load(src + h * stride_vh, mask=valid[:, None] & mask_d[None, :], other=0.0)
+        tl.store(dst + h * D, vals, mask=mask_t[:, None] & mask_d[None, :])
+    if HAS_LOG_SIZE:
+        ls = tl.load(logs_ptr + b * stride_lb + offs_t * stride_lt, mask=mask_t, other=0.0)
+        tl.store(bias_ptr + b * stride_bb + offs_t, ls.to(bias_ptr.dtype.element_ty), mask=mask_t)

@@ -38,12 +38,15 @@ def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
 @triton.jit
 def _merge_kernel(
     x_ptr, stride_xb, stride_xh, stride_xt, stride_xc,
+    stride_xg,  # GROUP_C > 0: x's channel c lives at (c // GROUP_C) * stride_xg + (c % GROUP_C) * stride_xc
     order_ptr, starts_ptr,  # contiguous (B, T) int64 and (B, T'+1) int64
     size_ptr, stride_sb, stride_st,
     attn_ptr, stride_ab, stride_at,
     src_ptr, stride_nb, stride_nt, stride_nn,
     out_ptr, stride_ob, stride_oh, stride_ot,  # out's channel stride is 1
     new_size_ptr, den_ptr, new_src_ptr,  # contiguous (B, T'), (B, T'), (B, T', N)
+    norm_w_ptr, norm_b_ptr, normed_ptr, stride_yb, stride_yt,  # HAS_NORM: LayerNorm(x') (B, T', C), unit last stride
+    eps,
     H, T, T_out, C, N,
     MODE: tl.constexpr,  # 0 size, 1 attention*size, 2 max, 3 mean
     HAS_SIZE: tl.constexpr,  # False: every size is 1
@@ -54,6 +57,8 @@ def _merge_kernel(
     BLOCK_N: tl.constexpr,  # source columns per step
     BLOCK_T: tl.constexpr,  # sizes per step of the row maximum
     SPLIT_C: tl.constexpr,  # programs sharing one slot block's channels
+    GROUP_C: tl.constexpr = 0,  # > 0: channels are groups of GROUP_C (e.g. heads of (B, H, T, D) rows)
+    HAS_NORM: tl.constexpr = False,  # also LayerNorm(x') (the launcher makes BLOCK_C >= C, SPLIT_C == 1)
 ):
     # Axis 0: (row of the leading dims, slot block); rows are (b, h) with h < H, so the
     # same kernel merges tokens (H = 1) and per-head query rows (dest is per b).
@@ -108,6 +113,10 @@ def _merge_kernel(
     for c0 in range(split * BLOCK_C, C, SPLIT_C * BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
+        if GROUP_C > 0:  # x's channels in groups, out's contiguous: one program covers every head
+            x_c = (offs_c // GROUP_C) * stride_xg + (offs_c % GROUP_C) * stride_xc
+        else:
+            x_c = offs_c * stride_xc
         if MODE == 2:
             acc = tl.full([BLOCK_S, BLOCK_C], float("-inf"), ACC_DTYPE)
         else:
@@ -115,7 +124,7 @@ def _merge_kernel(
         for k in range(0, steps):
             valid = k < count
             t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
-            xv = tl.load(x_row + t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
+            xv = tl.load(x_row + t[:, None] * stride_xt + x_c[None, :],
                          mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
             if MODE == 2:
                 # torch's amax propagates NaN; so do we.
@@ -129,7 +138,24 @@ def _merge_kernel(
         else:
             # an empty slot gives 0/0 = NaN, like the reference (padding rows divide by 1)
             acc = acc / tl.where(mask_s, den, 1.0)[:, None]
-        tl.store(out_row + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_c[None, :])
+        x_new = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_row + offs_c[None, :], x_new, mask=mask_s[:, None] & mask_c[None, :])
+        if HAS_NORM:
+            # The whole row is this one chunk: LayerNorm of x' as stored (rounded to x's
+            # dtype), in ACC_DTYPE, two-pass (mean, then centred variance) like torch's.
+            xr = tl.where(mask_c[None, :], x_new.to(ACC_DTYPE), 0.0)
+            mean = tl.sum(xr, axis=1) / C
+            xc = tl.where(mask_c[None, :], xr - mean[:, None], 0.0)
+            var = tl.sum(xc * xc, axis=1) / C + eps
+            if ACC_DTYPE == tl.float64:
+                rstd = 1.0 / tl.sqrt(var)  # IEEE in float64
+            else:
+                rstd = 1.0 / tl.sqrt_rn(var)  # IEEE, not the approximate square root
+            nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+            nb = tl.load(norm_b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+            y = xc * rstd[:, None] * nw[None, :] + nb[None, :]
+            tl.store(normed_ptr + b * stride_yb + offs_s[:, None] * stride_yt + offs_c[None, :],
+                     y.to(normed_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_c[None, :])
 
     # Per-slot results depend on b only: the programs of head 0, first channel split.
     if (h == 0) & (split == 0):

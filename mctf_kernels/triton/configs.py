@@ -94,7 +94,8 @@ def slot_index_config(device: torch.device, T: int, t_out: int) -> dict:
     return dict(BLOCK_I=32, BLOCK_J=128, num_warps=4)
 
 
-def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N: int) -> dict:
+def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N: int,
+                 whole_rows: bool = False) -> dict:
     """``_merge_kernel``: BLOCK_S slots x BLOCK_C channels per step, channels looped.
 
     ``rows`` is the number of (image, head) rows, N the source width (0: none).
@@ -103,7 +104,18 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
     grow with the slots per program, not the channels (ptxas, 4 warps, fp16: 4 slots 48
     registers, 8 slots 110, 16 slots ~200 with spills in max pooling). When the grid is
     small (batch 1) the channels are split across programs (SPLIT_C) to fill the GPU.
+    ``whole_rows`` (the LayerNorm of x' folded in): one chunk covers every channel and no
+    split, so each program holds its slots' whole rows (4 x 512 fp32 at C = 384: 16
+    values per thread on 4 warps; 8 warps from C = 1024).
     """
+    if whole_rows:
+        block_c = triton.next_power_of_2(max(C, 16))
+        if not gpu_configs(device):
+            return dict(BLOCK_S=min(64, triton.next_power_of_2(max(t_out, 1))), BLOCK_C=block_c,
+                        BLOCK_N=triton.next_power_of_2(max(N, 16)), BLOCK_T=triton.next_power_of_2(max(T, 16)),
+                        SPLIT_C=1, num_warps=4)
+        return dict(BLOCK_S=4, BLOCK_C=block_c, BLOCK_N=128, BLOCK_T=128, SPLIT_C=1,
+                    num_warps=8 if block_c >= 1024 else 4)
     if not gpu_configs(device):
         return dict(BLOCK_S=min(64, triton.next_power_of_2(max(t_out, 1))), BLOCK_C=triton.next_power_of_2(max(C, 16)),
                     BLOCK_N=triton.next_power_of_2(max(N, 16)), BLOCK_T=triton.next_power_of_2(max(T, 16)),
@@ -159,6 +171,16 @@ def attention_received_qk_config(T: int, D: int, gpu: bool, wide_dtype: bool = F
                     num_stages=1 if per_image else None, maxnreg=128 if per_image else None)
     return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 and not wide_dtype else 32, BLOCK_D=block_d,
                 ONE_TILE=False, PER_IMAGE=False, num_warps=8, num_stages=None, maxnreg=None)
+
+
+def gather_values_config(T: int, D: int, gpu: bool) -> dict:
+    """``_gather_values_kernel``: tokens per program, head-dim block, warps. A copy: 32
+    tokens x one head's D channels per step on 4 warps (16 fp16 values per thread at
+    D = 64); the interpreter takes every token in one program."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if not gpu:
+        return dict(BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d, num_warps=4)
+    return dict(BLOCK_T=32, BLOCK_D=block_d, num_warps=4)
 
 
 def attention_output_config(D: int, D_QK: int, gpu: bool, wide_dtype: bool = False) -> dict:

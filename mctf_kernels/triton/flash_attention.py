@@ -10,14 +10,21 @@ computed twice for T <= 256 (three times above: the received kernel then loops t
   log-sum-exp ``lse`` (B, H, T) and ``received``: one program per image when the batch
   fills the GPU (T <= 256), otherwise per-query-block column sums of P added by one
   ``sum`` in a fixed order (deterministic either way, no atomics).
-- ``fused_attention_output_qk`` (``mctf::fused_attention_output_qk``): one launch of
-  ``fused_attention_output``'s kernel with ``FROM_QK``, recomputing each P tile from q,
-  k and ``lse`` over the queries in slot order.
+- ``fused_attention_output_qk`` (``mctf::fused_attention_output_qk``): P' @ V' =
+  rowmerge(P @ V'[dest]) as three kernels: ``_gather_values_kernel`` writes V'[dest]
+  and the log-size mask, torch's fused attention (``scaled_dot_product_attention``,
+  FlashAttention-class kernels on a GPU) computes P @ V'[dest] over the pre-fusion
+  keys, and the merge kernel pools the query rows into their slots (merge's weights,
+  zero-weight and NaN rules) straight into the (B, T', H, D) layout ``proj`` reads.
+  The static sm_90 report estimates this at a fraction of the single fused Triton
+  kernel it replaces (bench/NOTES.md, section 3); ``_fused_attention_output_kernel``
+  still serves ``fused_attention_output`` (P formed: training with attention dropout).
 
-Logits are ``(q * scale rounded to q's dtype) @ k^T`` accumulated in float32 (tensor
-cores for half inputs), plus ``log_size`` on each key in float32; softmax in float32.
-The reference rounds logits and probabilities to q's dtype, so for half-precision
-models the kernels are the more accurate of the two.
+Logits in ``fusion_attention`` are ``(q * scale rounded to q's dtype) @ k^T`` accumulated
+in float32 (tensor cores for half inputs), plus ``log_size`` on each key in float32;
+softmax in float32. The output's attention takes ``log_size`` rounded to q's dtype as its
+mask, as the reference adds it to logits in q's dtype; torch's kernel applies ``scale``
+inside. For half-precision models both kernels are at least as accurate as the reference.
 
 Autograd: ``fusion_attention``'s outputs (``received``, ``lse``) carry no gradient
 (they drive the matching under no_grad); the op runs on detached q, k, and the
@@ -34,6 +41,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from ..attention import (  # noqa: F401  (the references beside their launchers)
@@ -44,8 +52,10 @@ from ..attention import (  # noqa: F401  (the references beside their launchers)
 )
 from . import configs
 from ._common import custom_op, device_guard, last_dim_unit, wrap
-from ._flash_attention_kernel import _attention_lse_received_kernel
-from .attention import _pv_precision, check_output_args, check_slots, fused_attention_output_backward, launch_fused_output
+from ._flash_attention_kernel import _attention_lse_received_kernel, _gather_values_kernel
+from .attention import _pv_precision, check_output_args, check_slots, fused_attention_output_backward
+from .merge import launch_merge
+from .slots import launch_slot_index
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -92,6 +102,29 @@ def _fusion_attention_impl(
 
 # ---------------------------------------------------------------- fused_attention_output_qk
 
+def launch_gather_values(v: torch.Tensor, dest: torch.Tensor, log_size: Optional[torch.Tensor],
+                         bias_dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One launch: V'[dest] (B, H, T, D), a view of (B, T, H, D) storage (zero rows where
+    a slot is outside [0, T')), and log_size in ``bias_dtype`` as a (B, 1, 1, T) additive
+    mask (None without log_size). The mask's rows are padded to 16 elements so that the
+    attention kernel takes it as it is (no aligned copy)."""
+    B, H, t_out, D = v.shape
+    T = dest.shape[1]
+    vg = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
+    has_log_size = log_size is not None
+    bias = torch.empty(B, triton.cdiv(max(T, 1), 16) * 16, device=v.device, dtype=bias_dtype) if has_log_size else None
+    if B * T > 0:
+        cfg = configs.gather_values_config(T, D, configs.gpu_configs(v.device))
+        logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (vg, (0, 0))
+        bias_arg = bias if has_log_size else vg
+        grid = (B, triton.cdiv(T, cfg["BLOCK_T"]))
+        wrap(_gather_values_kernel)[grid](
+            v, *v.stride(), dest, *dest.stride(), logs_arg, *sl, vg, bias_arg, bias_arg.stride(0), H, T, t_out, D,
+            HAS_LOG_SIZE=has_log_size, **cfg,
+        )
+    return vg.transpose(1, 2), (None if bias is None else bias[:, None, None, :T])
+
+
 def _fused_qk_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -107,12 +140,23 @@ def _fused_qk_impl(
     order: Optional[torch.Tensor],
     starts: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    q, k = last_dim_unit(q), last_dim_unit(k)
-    if lse is None:
-        lse, _unused = _launch_lse_received(q, k, log_size, scale, want_received=False)
-    slots = None if order is None else (order, starts)
-    return launch_fused_output(v, dest, t_out, size, attn_received, mode, qk=(q, k, lse, log_size, scale),
-                               slots=slots)
+    # P' @ V' = rowmerge(P @ V'[dest]): three launches, no P formed. (1) gather V'[dest] and
+    # the log-size mask; (2) torch's fused attention on q, k, V'[dest] (P is softmax over the
+    # pre-fusion keys; ``lse`` is not needed); (3) the merge kernel pools the query rows
+    # into their slots with merge's weights, zero-weight and NaN rules, and gives den.
+    q, k, v = last_dim_unit(q), last_dim_unit(k), last_dim_unit(v)
+    B, H, T, _ = q.shape
+    D = v.shape[-1]
+    with device_guard(q):
+        order, starts = launch_slot_index(dest, t_out) if order is None else (order, starts)
+        vg, bias = launch_gather_values(v, dest, log_size, q.dtype)
+        rows = F.scaled_dot_product_attention(q, k, vg, attn_mask=bias, scale=float(scale))
+        out = torch.empty(B, t_out, H, D, device=v.device, dtype=v.dtype)
+        # rows (B, H, T, D) in whatever layout the attention backend chose, read as (B, T, H, D):
+        # one merge program covers every head of its slots (the weights are computed once)
+        _out, _size, _src, den = launch_merge(rows.transpose(1, 2), dest, t_out, size, attn_received, mode, None,
+                                              slots=(order, starts), out=out.view(B, t_out, H * D), grouped=True)
+    return out.transpose(1, 2), den
 
 
 def _fused_qk_setup(ctx, inputs, output) -> None:
@@ -182,7 +226,7 @@ def fused_attention_output_qk(
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Triton ``fused_attention_output_qk``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3,
-    recomputing P from q, k (and ``lse``; computed here when None). ``slots`` is the slot
+    recomputing P from q, k (the forward does not read ``lse``; checked when given). ``slots`` is the slot
     index ``(order, starts)`` of ``dest`` (``slot_index(dest, t_out)``) when the caller
     already has it. The result is a (B, H, T', D) view of (B, T', H, D) storage, the
     layout the output projection reads."""

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..merge import merge_reference, pooling_weights  # noqa: F401  (the reference beside its launcher)
+from ..merge import MergeNorm, merge_norm_reference, merge_reference, pooling_weights  # noqa: F401  (references)
 from ._common import custom_op, device_guard, last_dim_unit, wrap
 from ._merge_kernel import _merge_kernel
 from .configs import merge_config
@@ -31,6 +31,9 @@ def launch_merge(
     source: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype] = None,
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    out: Optional[torch.Tensor] = None,
+    grouped: bool = False,
+    norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch (two
     when ``slots``, the slot index (order, starts) of dest, is not given).
@@ -38,9 +41,19 @@ def launch_merge(
     Returns (x' (..., T', C), size' (B, T') float32, source' (B, T', N) or None,
     den (B, T') float32 = slot sums of the pooling weights; unset for max pooling).
     Tokens whose slot is outside [0, T') are in no slot (mctf_kernels.slots).
+    ``out``: where to write x' (its shape, any strides with a unit last dim), e.g. a
+    layout the next op reads without a copy. ``grouped``: x is (B, T, G, D) (any strides,
+    unit last): its G groups of D channels are merged as one row of C = G * D, out (B, T', C).
+    ``norm = (weight, bias, eps, normed)``: also write LayerNorm(x') into ``normed`` (B, T', C)
+    (3-d x only), each row normalised by the program that pooled it.
     """
     x = last_dim_unit(x)
-    if x.dim() == 3:
+    group, sxg = 0, 0
+    if grouped:
+        B, T, G, group = x.shape
+        C = G * group
+        H, sxb, sxh, sxt, sxg, sxc = 1, x.stride(0), 0, x.stride(1), x.stride(2), x.stride(3)
+    elif x.dim() == 3:
         B, T, C = x.shape
         H, sxb, sxh, sxt, sxc = 1, x.stride(0), 0, x.stride(1), x.stride(2)
     else:
@@ -50,8 +63,12 @@ def launch_merge(
     # the kernel indexes dense rows of order and starts: a caller's view is copied if it is not
     order, starts = (s.contiguous() for s in slots) if slots is not None else launch_slot_index(dest, t_out)
 
-    out = torch.empty(*x.shape[:-2], t_out, C, device=device, dtype=out_dtype or x.dtype)
-    sob, soh, sot = (out.stride(0), 0, out.stride(1)) if x.dim() == 3 else out.stride()[:3]
+    lead = (B,) if grouped else tuple(x.shape[:-2])
+    if out is None:
+        out = torch.empty(*lead, t_out, C, device=device, dtype=out_dtype or x.dtype)
+    elif tuple(out.shape) != (*lead, t_out, C) or out.stride(-1) != 1:
+        raise ValueError(f"out must have shape {(*lead, t_out, C)} and a unit last stride")
+    sob, soh, sot = (out.stride(0), 0, out.stride(1)) if out.dim() == 3 else out.stride()[:3]
     new_size = torch.empty(B, t_out, device=device, dtype=torch.float32)
     den = torch.empty(B, t_out, device=device, dtype=torch.float32)
 
@@ -77,19 +94,29 @@ def launch_merge(
     if B * H * t_out == 0:
         return out, new_size, new_source, den
 
-    cfg = merge_config(device, B * H, T, t_out, C, N)
+    has_norm = norm is not None
+    if has_norm:
+        if grouped or x.dim() != 3:
+            raise ValueError("norm= merges (B, T, C) tokens only")
+        norm_w, norm_b, eps, normed = norm
+        norm_w, norm_b = norm_w.contiguous(), norm_b.contiguous()  # indexed by channel, unit stride
+        norm_args = (norm_w, norm_b, normed, normed.stride(0), normed.stride(1), float(eps))
+    else:
+        norm_args = (new_size, new_size, new_size, 0, 0, 0.0)  # placeholders, never read
+    cfg = merge_config(device, B * H, T, t_out, C, N, whole_rows=has_norm)
     grid = (B * H * triton.cdiv(t_out, cfg["BLOCK_S"]), cfg["SPLIT_C"])
     wrap(_merge_kernel)[grid](
-        x, sxb, sxh, sxt, sxc,
+        x, sxb, sxh, sxt, sxc, sxg,
         order, starts,
         size_arg, ss[0], ss[1],
         attn_arg, sa[0], sa[1],
         src_arg, sn[0], sn[1], sn[2],
         out, sob, soh, sot,
         new_size, den, new_source if has_source else new_size,
+        *norm_args,
         H, T, t_out, C, N,
         MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
-        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, GROUP_C=group, HAS_NORM=has_norm,
         **cfg,
     )
     return out, new_size, new_source, den
@@ -183,6 +210,36 @@ def _backward(ctx, grad_out, _g_size, _g_source, _g_den):
 merge_op = custom_op("merge", _merge_impl, _backward, _setup_context)
 
 
+def _merge_norm_impl(
+    x: torch.Tensor,
+    dest: torch.Tensor,
+    t_out: int,
+    size: Optional[torch.Tensor],
+    attn_received: Optional[torch.Tensor],
+    mode: int,
+    source: Optional[torch.Tensor],
+    order: Optional[torch.Tensor],
+    starts: Optional[torch.Tensor],
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    norm_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    slots = None if order is None else (order, starts)
+    B, T, C = x.shape
+    normed = torch.empty(B, t_out, C, device=x.device, dtype=norm_dtype)
+    with device_guard(x):
+        out, new_size, new_source, _den = launch_merge(x, dest, t_out, size, attn_received, mode, source, slots=slots,
+                                                       norm=(norm_weight, norm_bias, eps, normed))
+    if new_source is None:  # custom ops cannot return None
+        new_source = x.new_empty(0)
+    return out, new_size, new_source, normed
+
+
+# No autograd: taken only when no gradient is needed (``merge`` checks), else merge + LayerNorm.
+merge_norm_op = custom_op("merge_norm", _merge_norm_impl)
+
+
 def merge(
     x: torch.Tensor,
     dest: torch.Tensor,
@@ -193,8 +250,11 @@ def merge(
     mode: int = 1,
     source: Optional[torch.Tensor] = None,
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None).
+    norm: Optional[MergeNorm] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None),
+    and with ``norm`` LayerNorm(x') in ``norm.dtype``: computed by the merge kernel itself
+    when no gradient is needed, otherwise by torch's layer_norm on x' (differentiable).
 
     ``slots``: dest's slot index (order, starts) when already computed (``slot_index``)."""
     B, T, _ = x.shape
@@ -206,5 +266,13 @@ def merge(
         if source.device != x.device:
             raise ValueError(f"source is on {source.device} but the tokens are on {x.device}")
     order, starts = (None, None) if slots is None else slots
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, None if norm is None else norm.weight,
+                                                     None if norm is None else norm.bias))
+    if norm is not None and not wants_grad:
+        out, new_size, new_source, normed = merge_norm_op(x, dest, t_out, size, attn_received, mode, source, order,
+                                                          starts, norm.weight, norm.bias, float(norm.eps), norm.dtype)
+        return out, new_size, (new_source if source is not None else None), normed
     out, new_size, new_source, _den = merge_op(x, dest, t_out, size, attn_received, mode, source, order, starts)
-    return out, new_size, (new_source if source is not None else None)
+    merged = (out, new_size, (new_source if source is not None else None))
+    return merged if norm is None else (*merged, merge_norm_reference(out, norm))
