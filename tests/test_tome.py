@@ -196,6 +196,23 @@ def test_training_backward():
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_finetune_loss_with_tome():
+    """ToMe has no teacher-r range: finetune_loss says what to pass instead of an AttributeError;
+    with an explicit teacher r (or the plain loss) it trains."""
+    from mctf.training import finetune_loss
+
+    model = mctf.patch.timm(_vit(), mctf.ToMeConfig(r=6)).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    with mk.use_backend("reference"):
+        with pytest.raises(ValueError, match="ToMeConfig has no r_teacher_max.*pass r_teacher"):
+            finetune_loss(model, x, y, task_type=(1, 1, 0))
+        out = finetune_loss(model, x, y, task_type=(1, 1, 0.1), r_teacher=2)
+        assert out.r_teacher == 2 and model.mctf_state.r_override is None
+        plain = finetune_loss(model, x, y, task_type=(1, 0, 0))
+    assert plain.teacher_logits is None and torch.isfinite(out.loss) and torch.isfinite(plain.loss)
+    out.loss.backward()
+
+
 # ---------------------------------------------------------------- compile, CUDA graphs, half precision
 ON_CUDA = torch.cuda.is_available()
 
