@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtype", choices=("fp16", "bf16", "autocast", "fp32"), default="fp16")
-    p.add_argument("--preset", default="mctf")
+    p.add_argument("--preset", default="mctf", help="mctf, mctf-fast, or tome-r<N> (Token Merging, r=N per block)")
     p.add_argument("--img-size", type=int, default=None, help="timm img_size (e.g. 384)")
     p.add_argument("--latency-batch", type=int, default=1,
                    help="batch of the CUDA-graph latency estimate (0: none)")
