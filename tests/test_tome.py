@@ -35,6 +35,14 @@ def test_config_errors(kwargs, match):
         mctf.ToMeConfig(r=[1] * 13).schedule(12)
 
 
+def test_from_tome_errors():
+    with pytest.raises(ValueError, match=r"already sets the inflection"):
+        mctf.ToMeConfig.from_tome((16, -1.0), inflection=0.5)
+    with pytest.raises(ValueError, match=r"\(r, inflection\)"):
+        mctf.ToMeConfig.from_tome((16, -1.0, 2))
+    assert mctf.ToMeConfig.from_tome(8, inflection=0.5) == mctf.ToMeConfig(r=8, inflection=0.5)
+
+
 def test_tome_r_clamp():
     assert mk.tome_tokens_to_remove(197, 16, 1) == 16
     assert mk.tome_tokens_to_remove(21, 16, 1) == 10  # half the mergeable tokens
