@@ -50,8 +50,8 @@ def main() -> None:
                 s[..., :, 0] = float("-inf")
             node_max = s.max(dim=-1).values
             order = node_max.sort(dim=-1, descending=True)
-            boundary = order.values[..., rr - 1] - order.values[..., rr]
-            margin = boundary.min().item()
+            # every A token merged (no prefix token, even T): no kept/merged boundary to measure
+            margin = float("inf") if rr == s.shape[-2] else (order.values[..., rr - 1] - order.values[..., rr]).min().item()
             if s.shape[-1] > 1:  # one B token: no choice of destination
                 top2 = s.topk(2, dim=-1).values
                 src = order.indices[..., :rr]
@@ -69,9 +69,10 @@ def main() -> None:
         data["checksums"][key] = G.checksum(model)
         tome.patch.timm(model, trace_source=trace, prop_attn=prop_attn)
         model.r = r
-        counts = []
+        counts, features = [], []
         for blk in model.blocks:
             blk.register_forward_hook(lambda mod, inp, out: counts.append(out.shape[1]))
+        model.norm.register_forward_hook(lambda mod, inp, out: features.append(out.clone()))
         margins.clear()
         with torch.no_grad():
             logits = model(x)
@@ -82,6 +83,8 @@ def main() -> None:
             "final_size": None if info["size"] is None else info["size"][..., 0].clone(),
             "source_owner": G.owner_from_source(info["source"]) if trace and info["source"] is not None else None,
             "min_margin": min(margins) if margins else None,
+            # the final tokens before the head, where the logits differ by design
+            "features": features[-1] if key in G.FEATURES_ONLY else None,
         }
         print(f"{name:28s} tokens {counts[-1]:4d}  min decision margin {case['min_margin']}")
         data["cases"].append(case)
