@@ -181,6 +181,7 @@ def _fails(args, capsys, message, monkeypatch=None):
     (["--models", "deit_tiny_patch16_224", "--model-kwargs", "bogus_arg=1"], "cannot create"),
     (["--models", "deit_tiny_patch16_224", "--r-sweep", "x"], "--r-sweep"),
     (["--models", "deit_tiny_patch16_224", "--r-sweep", "4", "0.5", "--r-sweep-method", "tome"], "whole number"),
+    (["--models", "deit_tiny_patch16_224", "--r-sweep-method", "tome"], "give --r-sweep"),
     (["--models", "deit_tiny_patch16_224", "--repeats", "0"], "--repeats"),
     (["--models", "deit_tiny_patch16_224", "--providers", "eager", "--backend", "reference"], "shorthand"),
     (["--models", "deit_tiny_patch16_224", "--device", "gpu0"], "--device"),

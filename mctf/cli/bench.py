@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r-sweep", nargs="+", metavar="R",
                    help="also measure images/s against r (the mctf preset's layers), e.g. 0 4 8 12 16 20; "
                         "default: none")
-    p.add_argument("--r-sweep-method", choices=("mctf", "tome"), default="mctf",
+    p.add_argument("--r-sweep-method", choices=("mctf", "tome"),
                    help="what --r-sweep patches: mctf (the mctf preset's layers at each r) or tome "
                         "(ToMeConfig(r), every block; whole numbers only); default: mctf")
     p.add_argument("--r-sweep-model", help="model of the r sweep; default: the first of --models")
@@ -110,6 +110,9 @@ def check_args(args) -> None:
         raise UsageError("--threads must be >= 1")
     args.model_kwargs = common.parse_model_kwargs(args.model_kwargs)
     args.r_sweep = common.parse_r_values(args.r_sweep, "--r-sweep") if args.r_sweep else None
+    if args.r_sweep_method is not None and not args.r_sweep:
+        raise UsageError("--r-sweep-method chooses what --r-sweep patches: give --r-sweep R ... too")
+    args.r_sweep_method = args.r_sweep_method or "mctf"
     if args.r_sweep and args.r_sweep_method == "tome":
         bad = [v for v in args.r_sweep if not isinstance(v, int)]
         if bad:
