@@ -3,7 +3,7 @@
 tests/tome_golden.py, on CPU in float32. None of ToMe's code is in this repository: pass
 the folder that holds its ``tome`` package.
 
-    python3 tests/data/make_tome_golden.py --tome-path /path/to/ToMe
+    python3 tests/data/make_tome_golden.py --tome-path /path/to/ToMe   # [TOME_COMMIT=<sha> if not a git checkout]
 
 Besides the outputs it records, per configuration, the smallest score margin of any
 decision ToMe made (the gap between the last merged and the first kept A token, and
@@ -12,6 +12,7 @@ than float32 rounding would make the golden depend on the summation order.
 """
 import argparse
 import os
+import subprocess
 import sys
 
 import torch
@@ -19,6 +20,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/, for tome_golden
 import tome_golden as G  # noqa: E402
+
+
+def _commit(path: str) -> str:
+    """The ToMe commit the outputs came from: $TOME_COMMIT (a checkout without .git), else git's."""
+    if os.environ.get("TOME_COMMIT"):
+        return os.environ["TOME_COMMIT"]
+    git = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return git.stdout.strip() if git.returncode == 0 else "unknown"
 
 
 def main() -> None:
@@ -61,7 +70,7 @@ def main() -> None:
 
     tome_timm.bipartite_soft_matching = recording_matcher
     x = G.images()
-    data = {"meta": {"tome_commit": os.environ.get("TOME_COMMIT", "unknown"), "timm": timm.__version__,
+    data = {"meta": {"tome_commit": _commit(args.tome_path), "timm": timm.__version__,
                      "torch": str(torch.__version__), "seed": G.SEED},
             "checksums": {}, "cases": []}
     for name, key, r, prop_attn, trace in G.CASES:
