@@ -60,7 +60,9 @@ def main() -> None:
             node_max = s.max(dim=-1).values
             order = node_max.sort(dim=-1, descending=True)
             # every A token merged (no prefix token, even T): no kept/merged boundary to measure
-            margin = float("inf") if rr == s.shape[-2] else (order.values[..., rr - 1] - order.values[..., rr]).min().item()
+            margin = float("inf")
+            if rr < s.shape[-2]:
+                margin = (order.values[..., rr - 1] - order.values[..., rr]).min().item()
             if s.shape[-1] > 1:  # one B token: no choice of destination
                 top2 = s.topk(2, dim=-1).values
                 src = order.indices[..., :rr]
