@@ -43,7 +43,8 @@ def plot(results: dict, out_path: str) -> str:
     base = sweep.get("baseline") or {}
     if base.get("images_per_s"):
         ax.axhline(base["images_per_s"], color="gray", linestyle="--", label="timm baseline (SDPA)")
-    ax.set_xlabel("r (tokens removed per layer, mctf preset's layers)")
+    ax.set_xlabel("r (tokens removed per layer, every block: ToMe)" if sweep.get("preset") == "tome"
+                  else "r (tokens removed per layer, mctf preset's layers)")
     ax.set_ylabel("images / s")
     precision = f"{sweep['dtype']}{' autocast' if sweep.get('amp') else ''}"
     if meta.get("device_type") == "cpu":  # CPU figures depend on threads and on the machine's load

@@ -325,7 +325,9 @@ def capture(model_name: str, batch: int, dtype: str, preset: Optional[str] = "mc
     rec = _Recorder()
     with torch.device("meta"):  # weights' values never matter: shapes only
         model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
-    if preset:
+    if preset and preset.startswith("tome-r"):  # Token Merging, r in every block (the CLIs' tome-r<N>)
+        mctf.patch.timm(model, mctf.ToMeConfig(r=int(preset[len("tome-r"):])))
+    elif preset:
         mctf.patch.timm(model, mctf.MCTFConfig.preset(preset, depth=len(model.blocks)))
     with _fake_h100(), FakeTensorMode(allow_non_fake_inputs=True), force_gpu_configs():
         for mod in model.modules():  # fake CUDA storage for every meta weight
@@ -770,6 +772,7 @@ if __name__ == "__main__":  # python3 bench/sm90.py OUT.json '[["deit_small_patc
     if not all(os.path.exists(_tool(t)) for t in ("ptxas", "cuobjdump")):
         sys.exit(3)  # no CUDA compiler toolchain in this Triton install
     specs = json.loads(sys.argv[2])
-    result = {"|".join(map(str, s)): structure(s[0], s[1], s[2], model_kwargs=s[3]) for s in specs}
+    # an optional fifth entry names the preset (e.g. "tome-r16"; default "mctf")
+    result = {"|".join(map(str, s)): structure(s[0], s[1], s[2], *s[4:5], model_kwargs=s[3]) for s in specs}
     with open(sys.argv[1], "w") as f:
         json.dump(result, f, default=str)

@@ -29,6 +29,7 @@ def _f(x, nd=1):
 def markdown(r: dict) -> str:
     s = r["summary"]
     lb = r["latency_batch"]
+    method = "ToMe" if str(r["preset"]).startswith("tome") else "MCTF"  # whose kernels the patched rows run
     out = [
         f"# Static sm_90 report: {r['model']}, {r['dtype']}, batch {r['batch']}, preset {r['preset']}",
         "",
@@ -41,7 +42,7 @@ def markdown(r: dict) -> str:
         "",
         "## Per forward",
         "",
-        "| figure | MCTF (triton) | plain timm (SDPA) |",
+        f"| figure | {method} (triton) | plain timm (SDPA) |",
         "| --- | ---: | ---: |",
         f"| GPU kernels per forward | {s['kernels_per_forward']} | {s['kernels_per_forward_plain']} |",
         f"| GPU kernels per fused layer (max / min) | {s['kernels_per_fused_layer_max']} / "
@@ -61,7 +62,7 @@ def markdown(r: dict) -> str:
         f"- est. speedup over plain timm, batch {r['batch']}: **{s['est_speedup_eager']:.2f}x** eager, "
         f"{s['est_speedup_cuda_graph']:.2f}x CUDA graph (FLOP ideal {s['flop_ideal_speedup']:.2f}x)"
         + (f"; batch {lb} with CUDA graphs: **{s[f'est_speedup_b{lb}_cuda_graph']:.2f}x**" if lb else ""),
-        f"- est. MCTF kernel time in the fused layers: {_f(s['est_mctf_us_fused_layers'])} us against "
+        f"- est. {method} kernel time in the fused layers: {_f(s['est_mctf_us_fused_layers'])} us against "
         f"{_f(s['est_dense_us_fused_layers'])} us of their dense work (GEMM + attention): est. share "
         f"**{s['est_mctf_share_of_fused_layer_dense']:.0%}**",
         f"- register spills: {s['max_spill_bytes']} bytes at most ({', '.join(s['kernels_with_spills']) or 'none'}); "
@@ -123,9 +124,13 @@ def markdown(r: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     toks = r["tokens_per_block"] or []
+    # block 0's input: its matcher's T when it merges (ToMe merges in every block), else its output count
+    first_t = next((e["args"]["T"]["value"] for e in r.get("launches", [])
+                    if e.get("block") == 0 and "match" in e["name"] and "T" in e.get("args", {})), None)
     for b in r["blocks"]:
         i = b["block"]
-        tin = (toks[i - 1] if isinstance(i, int) and i > 0 and toks else toks[0] if i == 0 and toks else "")
+        tin = (toks[i - 1] if isinstance(i, int) and i > 0 and toks else
+               (first_t or toks[0]) if i == 0 and toks else "")
         ops = ", ".join(f"{k.replace('aten::', '')} {v}" for k, v in sorted(b["torch_ops"].items()))
         out.append(f"| {i} | {tin} | {b['kernels']} | {b['triton']} | {b['torch']} | {_f(b['est_dense_us'])} "
                    f"| {_f(b['est_mctf_us'])} | {_f(b['est_other_us'])} | {ops} |")
@@ -156,7 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtype", choices=("fp16", "bf16", "autocast", "fp32"), default="fp16")
-    p.add_argument("--preset", default="mctf")
+    p.add_argument("--preset", default="mctf", help="mctf, mctf-fast, or tome-r<N> (Token Merging, r=N per block)")
     p.add_argument("--img-size", type=int, default=None, help="timm img_size (e.g. 384)")
     p.add_argument("--latency-batch", type=int, default=1,
                    help="batch of the CUDA-graph latency estimate (0: none)")

@@ -206,6 +206,8 @@ class ToMeConfig:
     @classmethod
     def from_tome(cls, r, **overrides) -> "ToMeConfig":
         """From ToMe's ``model.r``: an int, a list (per block) or an ``(r, inflection)`` tuple."""
+        if isinstance(r, tuple) and "inflection" in overrides:
+            raise ValueError(f"from_tome({r!r}) already sets the inflection: give it once")
         if isinstance(r, tuple):
             if len(r) != 2:
                 raise ValueError(f"ToMe's tuple form is (r, inflection), got {r!r}")

@@ -84,6 +84,9 @@ def finetune_loss(
     teacher_logits, r_t = None, None
     loss_t = loss_c = zero
     if use_teacher or threshold:
+        if r_teacher is None and not hasattr(model.mctf_config, "r_teacher_max"):  # a ToMe model
+            raise ValueError(f"{type(model.mctf_config).__name__} has no r_teacher_max to draw the teacher's r from: "
+                             f"pass r_teacher, or task_type=(1, 0, 0) for the plain loss")
         r_t = sample_teacher_r(model.mctf_config.r_teacher_max, generator) if r_teacher is None else r_teacher
         teacher_logits, teacher_cls = _run(model, images, r_t)
         if use_teacher:

@@ -180,6 +180,8 @@ def _fails(args, capsys, message, monkeypatch=None):
     (["--models", "deit_tiny_patch16_224", "--model-kwargs", "img_size"], "key=value"),
     (["--models", "deit_tiny_patch16_224", "--model-kwargs", "bogus_arg=1"], "cannot create"),
     (["--models", "deit_tiny_patch16_224", "--r-sweep", "x"], "--r-sweep"),
+    (["--models", "deit_tiny_patch16_224", "--r-sweep", "4", "0.5", "--r-sweep-method", "tome"], "whole number"),
+    (["--models", "deit_tiny_patch16_224", "--r-sweep-method", "tome"], "give --r-sweep"),
     (["--models", "deit_tiny_patch16_224", "--repeats", "0"], "--repeats"),
     (["--models", "deit_tiny_patch16_224", "--providers", "eager", "--backend", "reference"], "shorthand"),
     (["--models", "deit_tiny_patch16_224", "--device", "gpu0"], "--device"),
@@ -232,3 +234,17 @@ def test_tome_presets_side_by_side(tmp_path):
     assert rows["tome-r8"]["provider"] == "eager" and not rows["tome-r8"].get("error")
     # 17 tokens: both r are capped at half the mergeable tokens, so they merge alike
     assert rows["baseline"]["gflops"] > rows["tome-r8"]["gflops"] == rows["tome-r16"]["gflops"]
+
+
+def test_tome_r_sweep(tmp_path):
+    """--r-sweep-method tome sweeps ToMeConfig(r) in every block (not the mctf preset's layers)."""
+    out = _run(tmp_path, "--presets", "baseline", "--providers", "timm", "eager", "--r-sweep", "0", "4", "16",
+               "--r-sweep-method", "tome")
+    sweep = out["r_sweep"]
+    assert sweep["preset"] == "tome"
+    by_r = {p["r"]: p for p in sweep["points"] if p["provider"] == "eager"}
+    assert set(by_r) == {0, 4, 16} and all(p.get("images_per_s") for p in by_r.values())
+    assert _close(by_r[0]["gflops"], sweep["baseline"]["gflops"])
+    # 17 tokens, 2 blocks: r = 4 merges in both (17, 13, 9); r = 16 is capped at half (17, 9, 5)
+    assert by_r[4]["final_tokens"] == 9 and by_r[16]["final_tokens"] == 5
+    assert by_r[16]["gflops"] < by_r[4]["gflops"] < by_r[0]["gflops"]

@@ -35,6 +35,14 @@ def test_config_errors(kwargs, match):
         mctf.ToMeConfig(r=[1] * 13).schedule(12)
 
 
+def test_from_tome_errors():
+    with pytest.raises(ValueError, match=r"already sets the inflection"):
+        mctf.ToMeConfig.from_tome((16, -1.0), inflection=0.5)
+    with pytest.raises(ValueError, match=r"\(r, inflection\)"):
+        mctf.ToMeConfig.from_tome((16, -1.0, 2))
+    assert mctf.ToMeConfig.from_tome(8, inflection=0.5) == mctf.ToMeConfig(r=8, inflection=0.5)
+
+
 def test_tome_r_clamp():
     assert mk.tome_tokens_to_remove(197, 16, 1) == 16
     assert mk.tome_tokens_to_remove(21, 16, 1) == 10  # half the mergeable tokens
@@ -194,6 +202,23 @@ def test_training_backward():
         model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_finetune_loss_with_tome():
+    """ToMe has no teacher-r range: finetune_loss says what to pass instead of an AttributeError;
+    with an explicit teacher r (or the plain loss) it trains."""
+    from mctf.training import finetune_loss
+
+    model = mctf.patch.timm(_vit(), mctf.ToMeConfig(r=6)).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    with mk.use_backend("reference"):
+        with pytest.raises(ValueError, match="ToMeConfig has no r_teacher_max.*pass r_teacher"):
+            finetune_loss(model, x, y, task_type=(1, 1, 0))
+        out = finetune_loss(model, x, y, task_type=(1, 1, 0.1), r_teacher=2)
+        assert out.r_teacher == 2 and model.mctf_state.r_override is None
+        plain = finetune_loss(model, x, y, task_type=(1, 0, 0))
+    assert plain.teacher_logits is None and torch.isfinite(out.loss) and torch.isfinite(plain.loss)
+    out.loss.backward()
 
 
 # ---------------------------------------------------------------- compile, CUDA graphs, half precision

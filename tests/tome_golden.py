@@ -19,7 +19,15 @@ MODELS = {
     "tiny_distilled": "deit_tiny_distilled_patch16_224",
     "small": "deit_small_patch16_224",
     "base": "deit_base_patch16_224",
+    "small_gap": "deit_small_patch16_224",
 }
+# timm kwargs per model: no class token, average pooling (nothing protected; ToMe keeps the
+# staying A tokens in descending score order there, so the source maps pin that order)
+MODEL_KWARGS = {"small_gap": dict(class_token=False, global_pool="avg")}
+PREFIX_TOKENS = {"tiny": 1, "tiny_distilled": 2, "small": 1, "base": 1, "small_gap": 0}
+# ToMe's timm patch pools these by timm's plain mean, we by size (docs/algorithm.md, "ToMe mode"):
+# their logits differ by design, so the final tokens before the head are compared instead
+FEATURES_ONLY = {"small_gap"}
 SEED = 12
 BATCH = 2
 
@@ -41,6 +49,7 @@ CASES = [
     ("base_r16", "base", 16, True, False),
     ("base_r8_trace", "base", 8, True, True),
     ("base_r13_noprop", "base", 13, False, False),
+    ("small_gap_r16_trace", "small_gap", 16, True, True),
 ]
 
 
@@ -68,7 +77,7 @@ def golden_state_dict(model, model_key: str) -> dict:
 def build_model(model_key: str):
     import timm
 
-    model = timm.create_model(MODELS[model_key], pretrained=False).eval()
+    model = timm.create_model(MODELS[model_key], pretrained=False, **MODEL_KWARGS.get(model_key, {})).eval()
     model.load_state_dict(golden_state_dict(model, model_key), strict=True)
     return model
 

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r-sweep", nargs="+", metavar="R",
                    help="also measure images/s against r (the mctf preset's layers), e.g. 0 4 8 12 16 20; "
                         "default: none")
+    p.add_argument("--r-sweep-method", choices=("mctf", "tome"),
+                   help="what --r-sweep patches: mctf (the mctf preset's layers at each r) or tome "
+                        "(ToMeConfig(r), every block; whole numbers only); default: mctf")
     p.add_argument("--r-sweep-model", help="model of the r sweep; default: the first of --models")
     p.add_argument("--latency", action="store_true", help="batch-1 latency with CUDA graphs (CUDA only)")
     p.add_argument("--latency-replays", type=int, default=200, help="replays timed for --latency")
@@ -107,6 +110,13 @@ def check_args(args) -> None:
         raise UsageError("--threads must be >= 1")
     args.model_kwargs = common.parse_model_kwargs(args.model_kwargs)
     args.r_sweep = common.parse_r_values(args.r_sweep, "--r-sweep") if args.r_sweep else None
+    if args.r_sweep_method is not None and not args.r_sweep:
+        raise UsageError("--r-sweep-method chooses what --r-sweep patches: give --r-sweep R ... too")
+    args.r_sweep_method = args.r_sweep_method or "mctf"
+    if args.r_sweep and args.r_sweep_method == "tome":
+        bad = [v for v in args.r_sweep if not isinstance(v, int)]
+        if bad:
+            raise UsageError(f"--r-sweep: ToMe merges a whole number of tokens per block, got {bad}")
     args.timing = common.timing_options(args)
     env_backend = common.backend_from_env()
     if args.backend is None and not args.providers and env_backend is not None:
@@ -457,8 +467,9 @@ def _token_summary(model, tokens: List[int]) -> str:
 
 
 def r_sweep(args, plan, device, skipped) -> Dict:
-    """images/s of one model against r (the mctf preset's layers), plain providers, every r and the
-    baseline interleaved; one MCTF model re-patched (untimed) before each of its repeats."""
+    """images/s of one model against r (the mctf preset's layers, or ToMe in every block with
+    --r-sweep-method tome), plain providers, every r and the baseline interleaved; one patched
+    model re-patched (untimed) before each of its repeats."""
     import torch
 
     import mctf
@@ -467,8 +478,9 @@ def r_sweep(args, plan, device, skipped) -> Dict:
     dtype_name = plan["dtypes"][0]
     dtype, amp_dtype = _precision(dtype_name, plan["amp"])
     batch = plan["batch_for"](model_name)
-    log(f"r sweep: {model_name} {dtype_name} batch={batch} r={args.r_sweep}")
-    out = dict(model=model_name, dtype=dtype_name, amp=amp_dtype is not None, batch=batch, preset="mctf",
+    method = args.r_sweep_method
+    log(f"r sweep: {model_name} {dtype_name} batch={batch} method={method} r={args.r_sweep}")
+    out = dict(model=model_name, dtype=dtype_name, amp=amp_dtype is not None, batch=batch, preset=method,
                baseline=None, points=[])
     base_model = _build(model_name, "baseline", device, dtype, args.model_kwargs)
     images = torch.randn(batch, *common.input_size(base_model), device=device, dtype=dtype)
@@ -480,7 +492,7 @@ def r_sweep(args, plan, device, skipped) -> Dict:
         info["baseline"] = dict(gflops=common.gflops_per_image(base_model, images),
                                 final_tokens=common.num_tokens(base_model), provider="timm")
     for r in args.r_sweep:
-        config = mctf.MCTFConfig.preset("mctf", depth=depth, r=r)
+        config = mctf.ToMeConfig(r=r) if method == "tome" else mctf.MCTFConfig.preset("mctf", depth=depth, r=r)
         common.patch_model(model, config)
         gflops, tokens = common.gflops_per_image(model, images), common.planned_tokens(model)[-1]
         for provider in plan["providers"]:

@@ -3,7 +3,7 @@
 tests/tome_golden.py, on CPU in float32. None of ToMe's code is in this repository: pass
 the folder that holds its ``tome`` package.
 
-    python3 tests/data/make_tome_golden.py --tome-path /path/to/ToMe
+    python3 tests/data/make_tome_golden.py --tome-path /path/to/ToMe   # [TOME_COMMIT=<sha> if not a git checkout]
 
 Besides the outputs it records, per configuration, the smallest score margin of any
 decision ToMe made (the gap between the last merged and the first kept A token, and
@@ -12,6 +12,7 @@ than float32 rounding would make the golden depend on the summation order.
 """
 import argparse
 import os
+import subprocess
 import sys
 
 import torch
@@ -19,6 +20,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/, for tome_golden
 import tome_golden as G  # noqa: E402
+
+
+def _commit(path: str) -> str:
+    """The ToMe commit the outputs came from: $TOME_COMMIT (a checkout without .git), else git's."""
+    if os.environ.get("TOME_COMMIT"):
+        return os.environ["TOME_COMMIT"]
+    git = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return git.stdout.strip() if git.returncode == 0 else "unknown"
 
 
 def main() -> None:
@@ -50,8 +59,10 @@ def main() -> None:
                 s[..., :, 0] = float("-inf")
             node_max = s.max(dim=-1).values
             order = node_max.sort(dim=-1, descending=True)
-            boundary = order.values[..., rr - 1] - order.values[..., rr]
-            margin = boundary.min().item()
+            # every A token merged (no prefix token, even T): no kept/merged boundary to measure
+            margin = float("inf")
+            if rr < s.shape[-2]:
+                margin = (order.values[..., rr - 1] - order.values[..., rr]).min().item()
             if s.shape[-1] > 1:  # one B token: no choice of destination
                 top2 = s.topk(2, dim=-1).values
                 src = order.indices[..., :rr]
@@ -61,7 +72,7 @@ def main() -> None:
 
     tome_timm.bipartite_soft_matching = recording_matcher
     x = G.images()
-    data = {"meta": {"tome_commit": os.environ.get("TOME_COMMIT", "unknown"), "timm": timm.__version__,
+    data = {"meta": {"tome_commit": _commit(args.tome_path), "timm": timm.__version__,
                      "torch": str(torch.__version__), "seed": G.SEED},
             "checksums": {}, "cases": []}
     for name, key, r, prop_attn, trace in G.CASES:
@@ -69,9 +80,10 @@ def main() -> None:
         data["checksums"][key] = G.checksum(model)
         tome.patch.timm(model, trace_source=trace, prop_attn=prop_attn)
         model.r = r
-        counts = []
+        counts, features = [], []
         for blk in model.blocks:
             blk.register_forward_hook(lambda mod, inp, out: counts.append(out.shape[1]))
+        model.norm.register_forward_hook(lambda mod, inp, out: features.append(out.clone()))
         margins.clear()
         with torch.no_grad():
             logits = model(x)
@@ -82,6 +94,8 @@ def main() -> None:
             "final_size": None if info["size"] is None else info["size"][..., 0].clone(),
             "source_owner": G.owner_from_source(info["source"]) if trace and info["source"] is not None else None,
             "min_margin": min(margins) if margins else None,
+            # the final tokens before the head, where the logits differ by design
+            "features": features[-1] if key in G.FEATURES_ONLY else None,
         }
         print(f"{name:28s} tokens {counts[-1]:4d}  min decision margin {case['min_margin']}")
         data["cases"].append(case)
