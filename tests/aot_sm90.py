@@ -21,9 +21,10 @@ import triton.language as tl  # noqa: E402
 from mctf_kernels.triton import _attention_kernel as AK  # noqa: E402
 from mctf_kernels.triton import _flash_attention_kernel as FK  # noqa: E402
 from mctf_kernels.triton import _match_kernel as MK  # noqa: E402
+from mctf_kernels.triton import _merge_backward_kernel as GBK  # noqa: E402
 from mctf_kernels.triton import _merge_kernel as GK  # noqa: E402
 from mctf_kernels.triton import _slots_kernel as SK  # noqa: E402
-from mctf_kernels.triton.configs import match_configs, merge_config, slot_index_config  # noqa: E402
+from mctf_kernels.triton.configs import match_configs, merge_backward_config, merge_config, slot_index_config  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -57,6 +58,21 @@ def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4, 
         options["maxnreg"] = maxnreg
     compiled = triton.compile(src, target=TARGET, options=options)
     assert compiled.asm["cubin"], fn.__name__
+
+
+def compile_backward_kernels(dtypes) -> int:
+    """The training step's Triton backwards, at DeiT-S (C = 384) and ViT-L (C = 1024) widths,
+    batch 256 and batch 1 (channels split)."""
+    count = 0
+    variants = list(itertools.product(dtypes, (0, 1, 2, 3), (False, True), (384, 1024), (256,)))
+    variants += [("fp16", mode, True, 384, 1) for mode in (0, 1, 2, 3)]
+    for dtype, mode, has_size, C, B in variants:
+        cfg = dict(merge_backward_config(GPU, B, 197, C))
+        warps = cfg.pop("num_warps")
+        compile_kernel(GBK._merge_backward_kernel, dict(MODE=mode, HAS_SIZE=has_size, ACC_DTYPE=tl.float32, **cfg),
+                       dtype, ("g_ptr", "x_ptr", "out_ptr", "gx_ptr"), warps)
+        count += 1
+    return count
 
 
 def main() -> int:
@@ -145,6 +161,7 @@ def main() -> int:
                            cfg["num_warps"], maxnreg=cfg["maxnreg"])
             count += 1
         count += 1
+    count += compile_backward_kernels(dtypes)
     print(f"compiled {count} kernel variants for sm_90 in {time.time() - start:.0f} s")
     return 0
 

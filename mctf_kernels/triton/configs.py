@@ -121,6 +121,27 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
                 num_warps=4 if block_s * block_c >= 512 else 2)
 
 
+def merge_backward_config(device: torch.device, rows: int, T: int, C: int) -> dict:
+    """``_merge_backward_kernel``: BLOCK_T tokens x BLOCK_C channels per step, channels
+    looped (BLOCK_C as ``merge_config``: the largest power of two up to 128 dividing C),
+    BLOCK_R sizes per step of the row's size maximum. 16 tokens on 4 warps: 16 fp32
+    gradient values per thread per step (max pooling: four such tiles). The channels
+    split across programs (SPLIT_C) when the grid would leave SMs idle (batch 1)."""
+    if not gpu_configs(device):  # the interpreter pays per program: few, large ones
+        return dict(BLOCK_T=min(256, triton.next_power_of_2(max(T, 16))),
+                    BLOCK_C=triton.next_power_of_2(max(C, 16)), BLOCK_R=triton.next_power_of_2(max(T, 16)),
+                    SPLIT_C=1, num_warps=4)
+    block_c = 128
+    while block_c > 16 and C % block_c:
+        block_c //= 2
+    block_t = 16
+    chunks = triton.cdiv(C, block_c)
+    split = 1
+    while split < chunks and rows * triton.cdiv(T, block_t) * split < 2 * sm_count(device):
+        split *= 2
+    return dict(BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=128, SPLIT_C=min(split, chunks), num_warps=4)
+
+
 # ---------------------------------------------------------------- attention
 # Half precision: 64-row query tiles (one Hopper warpgroup MMA has M = 64). Both
 # kernels keep their fp32 tiles in registers; the sizes below are spill-free on sm_90
