@@ -16,6 +16,7 @@ import torch
 import mctf_kernels as mk
 from slot_maps import make_dest
 from mctf_kernels.merge import merge_tokens_reference, pooling_weights
+from mctf_kernels.triton import LAUNCHERS
 from mctf_kernels.triton.configs import force_gpu_configs
 from mctf_kernels.triton.merge import launch_merge, launch_merge_backward
 
@@ -211,3 +212,181 @@ def test_merge_backward_half(device, triton_backend):
     (want,) = torch.autograd.grad(mk.merge_reference(x32, dest, t_out, size, attn, mode=1)[0], x32, g.float())
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- one-step-ahead attention output
+
+def _attention_inputs(B, H, T, D, device, dtype=torch.float32, with_log=True, with_size=True, kind="bi-1"):
+    dest, t_out = make_dest(kind, B, T, device)
+    q = (2 * torch.randn(B, H, T, D, device=device)).to(dtype)
+    k = (1.5 * torch.randn(B, H, T, D, device=device)).to(dtype)
+    v = torch.randn(B, H, t_out, D, device=device).to(dtype)
+    ls = (1 + 4 * torch.rand(B, T, device=device)).log() if with_log else None
+    size = torch.randint(1, 5, (B, T), device=device).float() if with_size else None
+    received = torch.rand(B, T, device=device) + 0.05
+    return q, k, v, ls, size, received, dest, t_out
+
+
+def _truth_grads(q, k, v, ls, scale, dest, t_out, size, received, mode, g):
+    """float64 autograd of the reference (explicit softmax) at the same operands."""
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = mk.fused_attention_output_qk_reference(leaves[0], leaves[1], None, None if ls is None else ls.double(),
+                                                 scale, leaves[2], dest, t_out, size, received, mode=mode)
+    return ref, torch.autograd.grad(ref, leaves, g.double())
+
+
+def _triton_grads(q, k, v, ls, scale, dest, t_out, size, received, mode, g, lse=None, slots=None):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = LAUNCHERS["fused_attention_output_qk"](leaves[0], leaves[1], lse, ls, scale, leaves[2], dest, t_out, size, received,
+                                       mode=mode, slots=slots)
+    return out, torch.autograd.grad(out, leaves, g)
+
+
+def _assert_grads(got, want, rel):
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == b.dtype or b.dtype == torch.float64
+        torch.testing.assert_close(a.double(), b, atol=rel * b.abs().max().item(), rtol=rel, msg=name)
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+@pytest.mark.parametrize("mode", (0, 1, 3))
+def test_attention_backward_matches_fp64(device, triton_backend, mode, gpu):
+    """dq, dk, dV' against float64 autograd of the reference: T across several 32/64-key
+    tiles (197) and below one tile (5), head dims that are not a power of two (48),
+    with and without log_size / sizes, the slot index and lse given or computed."""
+    cases = [(2, 3, 197, 48, True, True, "bi-1"), (1, 2, 5, 16, False, False, "uni-0"),
+             (1, 1, 77, 64, True, False, "random")]
+    for B, H, T, D, with_log, with_size, kind in cases:
+        q, k, v, ls, size, received, dest, t_out = _attention_inputs(B, H, T, D, device, with_log=with_log,
+                                                                    with_size=with_size, kind=kind)
+        scale = D ** -0.5
+        g = torch.randn(B, H, t_out, D, device=device)
+        ref, want = _truth_grads(q, k, v, ls, scale, dest, t_out, size, received, mode, g)
+        att = mk.fusion_attention(q, k, scale=scale, log_size=ls)
+        for lse, slots in ((None, None), (att.lse, mk.slot_index(dest, t_out))):
+            with _configs(gpu):
+                out, got = _triton_grads(q, k, v, ls, scale, dest, t_out, size, received, mode, g, lse, slots)
+            torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+            # fp32 operands, fp32 accumulation over T terms: ~1e-6 of the largest gradient
+            _assert_grads(got, want, 2e-5)
+
+
+def test_attention_backward_fp64_inputs(device, triton_backend):
+    """float64 q, k, v: the backward accumulates in float64 (the logits are float32 in
+    both passes, so ~1e-7 relative), against the reference's float64 autograd."""
+    B, H, T, D = 1, 2, 70, 16
+    q, k, v, ls, size, received, dest, t_out = _attention_inputs(B, H, T, D, device, torch.float64)
+    g = torch.randn(B, H, t_out, D, device=device, dtype=torch.float64)
+    for gpu in (False, True):
+        _ref, want = _truth_grads(q, k, v, ls, D ** -0.5, dest, t_out, size, received, 1, g)
+        with _configs(gpu):
+            _out, got = _triton_grads(q, k, v, ls, D ** -0.5, dest, t_out, size, received, 1, g)
+        assert all(t.dtype == torch.float64 for t in got)
+        _assert_grads(got, want, 2e-6)
+
+
+def test_attention_gradcheck_fp64(device, triton_backend):
+    """fp64 gradcheck of the Triton op (numerical derivative of its forward against its
+    backward). The logits are float32 in the kernels, so the step is 1e-3 (a float32
+    rounding over 1e-6 would swamp the derivative) and the tolerance 1e-3."""
+    B, H, T, D = 1, 2, 9, 4
+    q, k, v, ls, size, received, dest, t_out = _attention_inputs(B, H, T, D, device, torch.float64)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+    def f(q, k, v):
+        return LAUNCHERS["fused_attention_output_qk"](q, k, None, ls, D ** -0.5, v, dest, t_out, size, received, mode=1)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-3, atol=1e-3, rtol=1e-3, fast_mode=True)
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_attention_backward_degenerate(device, triton_backend, gpu):
+    """A zero-weight slot (its members received no attention: an unweighted mean), a slot
+    with no member (dV' = 0), queries and keys in no slot (a key in no slot still takes
+    part in the softmax normaliser: its dk is not 0), against the truth computed on a
+    dense formulation in float64."""
+    B, H, T, D, t_out = 2, 2, 70, 16, 50
+    q, k, _v, ls, size, received, _d, _t = _attention_inputs(B, H, T, D, device)
+    dest = torch.cat([torch.arange(t_out), torch.randint(0, t_out, (T - t_out,))]).expand(B, T).clone().to(device)
+    dest[:, 7] = dest[:, 3]  # slot 7 has no member
+    dest[0, 60:64] = -1  # in no slot
+    dest[1, 64] = t_out + 3
+    received[0, dest[0] == 5] = 0.0  # slot 5 of image 0: weights sum to 0
+    v = torch.randn(B, H, t_out, D, device=device)
+    g = torch.randn(B, H, t_out, D, device=device)
+    scale = D ** -0.5
+    with _configs(gpu):
+        _out, got = _triton_grads(q, k, v, ls, scale, dest, t_out, size, received, 1, g)
+    # truth: P (fp64) from q, k; out[o] = sum_q M[o, q] (P @ V'[dest])[q], M the row-merge matrix
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    logits = (leaves[0] * scale) @ leaves[1].transpose(-1, -2) + ls.double()[:, None, None, :]
+    p = logits.softmax(-1)
+    in_slot = (dest >= 0) & (dest < t_out)
+    onehot = (dest[:, None, :] == torch.arange(t_out, device=device)[None, :, None]).double()  # (B, T', T)
+    w = pooling_weights(1, size, received).double() * in_slot
+    den = onehot @ w[..., None]
+    zero = (den == 0) & (onehot.sum(-1, keepdim=True) > 0)
+    merge = torch.where(zero, onehot / onehot.sum(-1, keepdim=True).clamp_min(1), onehot * w[:, None, :] / den)
+    merge = torch.nan_to_num(merge)  # slots with no member: a zero row
+    vk = onehot.transpose(1, 2)[:, None] @ leaves[2]  # V'[dest k], 0 for keys in no slot
+    ref = merge[:, None] @ (p @ vk)
+    want = torch.autograd.grad(ref, leaves, g.double())
+    _assert_grads(got, want, 2e-5)
+    assert torch.equal(got[2][:, :, 7], torch.zeros_like(got[2][:, :, 7]))
+    assert got[1][0, :, 60:64].abs().amax() > 0
+    assert torch.equal(got[0][0, :, 60:64], torch.zeros_like(got[0][0, :, 60:64]))
+
+
+def test_attention_backward_deterministic_and_constants(device, triton_backend):
+    """Two backwards are bit-identical; size, attn_received and log_size get no gradient
+    (the weights are constants of the reference; log sizes carry none in a model)."""
+    B, H, T, D = 2, 2, 77, 16
+    q, k, v, ls, size, received, dest, t_out = _attention_inputs(B, H, T, D, device)
+    g = torch.randn(B, H, t_out, D, device=device)
+    runs = [_triton_grads(q, k, v, ls, D ** -0.5, dest, t_out, size, received, 1, g)[1] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    consts = [t.clone().requires_grad_(True) for t in (size, received)]
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = LAUNCHERS["fused_attention_output_qk"](leaves[0], leaves[1], None, ls, D ** -0.5, leaves[2], dest, t_out,
+                                       consts[0], consts[1], mode=1)
+    grads = torch.autograd.grad(out, leaves + consts, g, allow_unused=True)
+    assert grads[3] is None and grads[4] is None
+    ref = mk.fused_attention_output_qk_reference(q, k, None, ls, D ** -0.5, v, dest, t_out, consts[0], consts[1],
+                                                 mode=1)
+    assert not ref.requires_grad  # the reference does not differentiate the weights either
+
+
+# ---------------------------------------------------------------- a patched model's training step
+
+@pytest.mark.parametrize("pooling,one_step_ahead", ((1, 1), (2, 0)))
+def test_model_gradients_triton_equal_reference(device, pooling, one_step_ahead):
+    """One training step of a tiny patched ViT (proportional attention, sizes growing over 3
+    fused blocks): every parameter's gradient through the Triton backwards equals the
+    reference's autograd. The presets' path (one-step-ahead attention, pooling 1) runs both
+    Triton backwards; max pooling, fused after the block, the merge's."""
+    import timm
+
+    import mctf
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=64,
+                              depth=4, num_heads=2, num_classes=5).to(device)
+    with torch.no_grad():  # peaky attention, so the informativeness term matters
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(4)
+    mctf.patch.timm(model, mctf.MCTFConfig(r=8, layers=(1, 2, 3), pooling=pooling,
+                                           one_step_ahead=one_step_ahead))
+    model.train()
+    x, y = torch.randn(2, 3, 64, 64, device=device), torch.tensor([0, 3], device=device)
+    grads = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad(set_to_none=True)
+        with mctf.use_backend(backend):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        assert model.mctf_state.tokens_per_block == [65, 57, 49, 41]
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["triton"].keys() == grads["reference"].keys() and len(grads["triton"]) > 10
+    for name, ref in grads["reference"].items():
+        scale = max(ref.abs().max().item(), 1e-6)
+        torch.testing.assert_close(grads["triton"][name], ref, atol=1e-4 * scale, rtol=1e-3, msg=name)

@@ -140,7 +140,7 @@ def launch_merge_backward(
     has_size = size is not None
     size_arg, ss = (size, size.stride()) if has_size else (den, (0, 0))
     attn_arg, sa = (attn_received, attn_received.stride()) if mode == 1 else (den, (0, 0))
-    cfg = merge_backward_config(grad_out.device, B * H, T, C)
+    cfg = merge_backward_config(grad_out.device, B * H, T, C, mode)
     grid = (B * H * triton.cdiv(T, cfg["BLOCK_T"]), cfg["SPLIT_C"])
     with device_guard(grad_out):
         wrap(_merge_backward_kernel)[grid](
