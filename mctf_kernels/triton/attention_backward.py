@@ -21,15 +21,8 @@ import triton.language as tl
 from . import configs
 from ._attention_backward_kernel import _attention_bwd_dkv_kernel, _attention_bwd_dq_kernel, _slot_sum_kernel
 from ._common import device_guard, last_dim_unit, wrap
+from .attention import _pv_precision as _precision  # the forward's dot precision (torch's fp32 setting)
 from .slots import launch_slot_index
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # as the forward (attention._pv_precision): torch's float32 matmul setting on a GPU
-    from ._common import interpreting
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def launch_fused_qk_backward(
