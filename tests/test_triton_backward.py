@@ -425,3 +425,28 @@ def test_model_gradients_triton_equal_reference(device, pooling, one_step_ahead)
     for name, ref in grads["reference"].items():
         scale = max(ref.abs().max().item(), 1e-6)
         torch.testing.assert_close(grads["triton"][name], ref, atol=1e-4 * scale, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_backwards_with_a_garbage_slot_index_stay_in_bounds(device, triton_backend, gpu):
+    """A caller's slot index is not checked (a host sync): the backwards clamp every bound and
+    member they read, as the forwards do, so wrong values give wrong numbers, never an access
+    outside a tensor. Members and bounds a million rows outside [0, T] here: the interpreter
+    does not check bounds, but an unclamped access that far away typically lands in unmapped
+    memory and kills the process (an offset of 10**7 floats did, here), so this is a smoke
+    check; the clamps themselves are the guarantee."""
+    B, H, T, D = 2, 2, 77, 16
+    q, k, v, ls, size, received, dest, t_out = _attention_inputs(B, H, T, D, device)
+    order = torch.stack([torch.full((T,), 10 ** 6), torch.full((T,), -10 ** 6)]).to(device)
+    starts = torch.randint(-10 ** 6, 10 ** 6, (B, t_out + 1), device=device)
+    x = torch.randn(B, T, 32, device=device, requires_grad=True)
+    with _configs(gpu):
+        for mode in (1, 2):
+            out = mk.merge(x, dest, t_out, size, received, mode=mode, slots=(order, starts))[0]
+            (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+            assert gx.shape == x.shape
+        _out, grads = _triton_grads(q, k, v, ls, D ** -0.5, dest, t_out, size, received, 1,
+                                    torch.randn(B, H, t_out, D, device=device), slots=(order, starts))
+    # the values are not defined (the forward's weight sums of slots no program owns are
+    # never written): only that every access stayed inside its tensor, shapes included
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
