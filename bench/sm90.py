@@ -148,6 +148,10 @@ def _flops(name: str, args, out) -> float:
         if name in ("aten::bmm", "aten::baddbmm"):
             a, b = (args[0], args[1]) if name == "aten::bmm" else (args[1], args[2])
             return 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+        if name.startswith("aten::_scaled_dot_product") and name.endswith("_backward"):
+            # grad_out, q, k, v first: recompute S, then dP, dV, dQ, dK: 5 GEMMs of the forward's size
+            _g, q, k = args[0], args[1], args[2]
+            return 10.0 * math.prod(q.shape[:-2]) * q.shape[-2] * k.shape[-2] * q.shape[-1]
         if name == "aten::convolution":
             w = args[1]
             return 2.0 * out.numel() * w.shape[1] * math.prod(w.shape[2:])
@@ -167,6 +171,8 @@ class Event:
     flops: float = 0.0
     dtype: str = ""
     launch: Optional[dict] = None  # triton: specialisation, grid, options, args
+    phase: str = "forward"       # "forward" | "backward" (training-step captures)
+    square_bytes: int = 0        # torch ops: bytes of their (..., T, T) operands (attention-sized)
 
 
 class _Recorder:
@@ -176,6 +182,8 @@ class _Recorder:
         self.op_stack: list[str] = []
         self.host_syncs: list[str] = []
         self.mute = 0
+        self.phase = "forward"
+        self.sdpa_spans: list = []  # (first, last] autograd sequence numbers of each SDPA call, its backward's cost
 
     def add(self, ev: Event):
         if not self.mute:
@@ -225,7 +233,7 @@ def _intercept_jit(rec: _Recorder):
         g = tuple(int(x) for x in g) + (1,) * (3 - len(g))
         rec.add(Event(
             kind="triton", name=f"{self.fn.__module__}:{self.fn.__qualname__}", block=rec.block,
-            in_mctf_op=rec.op_stack[-1] if rec.op_stack else None,
+            in_mctf_op=rec.op_stack[-1] if rec.op_stack else None, phase=rec.phase,
             launch=dict(fn=self, signature=signature, constexprs=constexprs, attrs=attrs,
                         options=options, grid=g, args=arg_info)))
         return None
@@ -275,10 +283,13 @@ class _CountOps(TorchDispatchMode):
                 tensors += [t for t in a if isinstance(t, torch.Tensor)]
         outs = [o for o in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(o, torch.Tensor)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors + outs)
+        square = sum(t.numel() * t.element_size() for t in tensors + outs
+                     if t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] >= 16)
         dtype = str((tensors or outs or [torch.empty(0)])[0].dtype).replace("torch.", "")
         self.rec.add(Event(kind="torch", name=name, block=self.rec.block,
                            in_mctf_op=self.rec.op_stack[-1] if self.rec.op_stack else None,
-                           bytes=int(nbytes), flops=_flops(name, args, out), dtype=dtype))
+                           bytes=int(nbytes), flops=_flops(name, args, out), dtype=dtype, phase=self.rec.phase,
+                           square_bytes=int(square)))
         return out
 
 
@@ -298,10 +309,19 @@ class _SDPAIsOneKernel(TorchFunctionMode):
             nbytes = sum(t.numel() * t.element_size() for t in (q, k, v)) + q.numel() * v.element_size()
             self.rec.add(Event(kind="torch", name="aten::scaled_dot_product_attention", block=self.rec.block,
                                in_mctf_op=self.rec.op_stack[-1] if self.rec.op_stack else None,
-                               bytes=int(nbytes), flops=flops, dtype=str(q.dtype).replace("torch.", "")))
+                               bytes=int(nbytes), flops=flops, dtype=str(q.dtype).replace("torch.", ""),
+                               phase=self.rec.phase))
             self.rec.mute += 1
             try:
-                return func(*args, **kwargs)
+                grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+                lo = (q.view_as(q) if q.requires_grad else k.view_as(k) if k.requires_grad
+                      else v.view_as(v)).grad_fn._sequence_nr() if grad else None
+                out = func(*args, **kwargs)
+                if grad and out.grad_fn is not None:
+                    # its backward is one fused kernel too: 5 GEMMs of the forward's size
+                    self.rec.sdpa_spans.append((lo, out.grad_fn._sequence_nr(), 2.5 * flops, 2 * nbytes,
+                                                str(q.dtype).replace("torch.", "")))
+                return out
             finally:
                 self.rec.mute -= 1
         return func(*args, **kwargs)
@@ -310,10 +330,124 @@ class _SDPAIsOneKernel(TorchFunctionMode):
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "autocast": torch.float32}
 
 
+@contextlib.contextmanager
+def _tag_mctf_backwards(rec: _Recorder):
+    """Run the ``mctf::`` ops' autograd backwards under their op's name (the engine calls
+    them directly, not through the dispatcher), so their kernels count as MCTF work."""
+    from torch._library.custom_ops import OPDEFS
+
+    saved = {}
+    for name, opdef in OPDEFS.items():
+        fn = getattr(opdef, "_backward_fn", None)
+        if not name.startswith("mctf::") or fn is None:
+            continue
+
+        def tagged(ctx, *grads, _fn=fn, _name=name):
+            rec.op_stack.append(_name)
+            try:
+                return _fn(ctx, *grads)
+            finally:
+                rec.op_stack.pop()
+        saved[name] = fn
+        opdef._backward_fn = tagged
+    # The backwards launch outside any op's dispatch, where ``wrap_triton`` would route the
+    # launch through its higher-order op: launch the kernel itself (the JIT run is intercepted).
+    import sys as _sys
+    wrapped = [m for n, m in list(_sys.modules.items())
+               if n.startswith("mctf_kernels.triton") and callable(getattr(m, "wrap", None))]
+    saved_wrap = [(m, m.wrap) for m in wrapped]
+    for m in wrapped:
+        m.wrap = lambda kernel: kernel
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            OPDEFS[name]._backward_fn = fn
+        for m, w in saved_wrap:
+            m.wrap = w
+
+
+def _backward_by_hand(loss: torch.Tensor, rec: _Recorder, spans: Optional[dict], grad: Optional[torch.Tensor] = None,
+                      wanted: tuple = ()) -> list:
+    """``loss.backward()`` without the autograd engine, which needs a CUDA driver for CUDA
+    tensors (fake ones included: it stashes their streams). Each graph node is called
+    directly, in decreasing sequence number (a topological order: a node's inputs were
+    recorded before it); gradients reaching one input from several uses are summed, as the
+    engine does, each cast to its input's dtype first as the engine does (autocast's fp16
+    ops get fp16 gradients); leaves (AccumulateGrad) take theirs without a kernel. ``spans``: block ->
+    (first, last] sequence numbers of its forward, so backward kernels carry their block
+    (None: leave ``rec.block`` alone, for a nested ``torch.autograd.grad``). Returns the
+    gradients of the ``wanted`` leaves (None where none reached them)."""
+    import heapq
+
+    def block_of(seq: int) -> Optional[int]:
+        return next((b for b, (lo, hi) in spans.items() if lo < seq <= hi), None)
+
+    found, sdpa_seen = {}, set()
+    root = loss.grad_fn
+    buffers = {root: [torch.ones_like(loss) if grad is None else grad]}
+    heap = [(-root._sequence_nr(), id(root), root)]
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        grads = buffers.pop(node)
+        if type(node).__name__ == "AccumulateGrad":
+            found[id(node.variable)] = grads[0]
+            continue
+        if spans is not None:
+            rec.block = block_of(node._sequence_nr())
+        seq = node._sequence_nr()
+        sdpa = next((sp for sp in rec.sdpa_spans if sp[0] < seq <= sp[1]), None)
+        if sdpa is not None and sdpa not in sdpa_seen:  # the SDPA's own backward nodes: one fused kernel
+            sdpa_seen.add(sdpa)
+            rec.add(Event(kind="torch", name="aten::_scaled_dot_product_attention_backward (fused)", block=rec.block,
+                          in_mctf_op=rec.op_stack[-1] if rec.op_stack else None, bytes=int(sdpa[3]), flops=sdpa[2],
+                          dtype=sdpa[4], phase=rec.phase))
+        rec.mute += sdpa is not None
+        try:
+            with torch.no_grad():
+                outs = node.apply(*grads) if hasattr(node, "apply") else node(*grads)
+        finally:
+            rec.mute -= sdpa is not None
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        for (nxt, idx), g in zip(node.next_functions, outs):
+            if nxt is None or g is None:
+                continue
+            if nxt not in buffers:
+                buffers[nxt] = [None] * len(nxt._input_metadata)
+                heapq.heappush(heap, (-nxt._sequence_nr(), id(nxt), nxt))
+            buf = buffers[nxt]
+            with torch.no_grad():
+                want = nxt._input_metadata[idx].dtype
+                if g.dtype != want:  # the engine's validate_outputs casts to the input's dtype (a kernel)
+                    g = g.to(want)
+                buf[idx] = g if buf[idx] is None else buf[idx] + g
+    if spans is not None:
+        rec.block = None
+    return [found.get(id(t)) for t in wanted]
+
+
+@contextlib.contextmanager
+def _autograd_grad_by_hand(rec: _Recorder):
+    """``torch.autograd.grad(output, leaves, grad)`` inside a backward (an eager backward
+    that differentiates a recomputation) without the engine, as ``_backward_by_hand``."""
+    def grad(outputs, inputs, grad_outputs=None, **_kw):
+        out = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        g = grad_outputs[0] if isinstance(grad_outputs, (tuple, list)) else grad_outputs
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return tuple(_backward_by_hand(out, rec, None, g, inputs))
+
+    with mock_attr(torch.autograd, "grad", grad):
+        yield
+
+
 def capture(model_name: str, batch: int, dtype: str, preset: Optional[str] = "mctf",
-            model_kwargs: Optional[dict] = None, autocast_dtype: torch.dtype = torch.float16) -> dict:
+            model_kwargs: Optional[dict] = None, autocast_dtype: torch.dtype = torch.float16,
+            train: bool = False) -> dict:
     """One forward of a random-init timm model (patched with ``preset``, or plain when
-    None) on fake CUDA tensors; returns the kernel events and the token plan."""
+    None) on fake CUDA tensors; returns the kernel events and the token plan. ``train``:
+    one training step instead (train mode, forward, the backward of the mean of the logits,
+    run node by node: ``_backward_by_hand``); backward events carry ``phase="backward"`` and
+    the block whose forward recorded the node that ran them."""
     import timm
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -324,7 +458,7 @@ def capture(model_name: str, batch: int, dtype: str, preset: Optional[str] = "mc
     _require_compiler()
     rec = _Recorder()
     with torch.device("meta"):  # weights' values never matter: shapes only
-        model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
+        model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).train(train)
     if preset and preset.startswith("tome-r"):  # Token Merging, r in every block (the CLIs' tome-r<N>)
         mctf.patch.timm(model, mctf.ToMeConfig(r=int(preset[len("tome-r"):])))
     elif preset:
@@ -340,22 +474,38 @@ def capture(model_name: str, batch: int, dtype: str, preset: Optional[str] = "mc
                 if b is not None:
                     mod._buffers[n] = torch.empty(b.shape, device="cuda",
                                                   dtype=DTYPES[dtype] if b.is_floating_point() else b.dtype)
-        hooks = []
+        hooks, spans = [], {}
         for i, blk in enumerate(model.blocks):
             hooks.append(blk.register_forward_pre_hook(lambda m, a, i=i: setattr(rec, "block", i)))
             hooks.append(blk.register_forward_hook(lambda m, a, o: setattr(rec, "block", None)))
+            if train:  # the block's autograd nodes: sequence numbers after its input's, up to its output's
+                hooks.append(blk.register_forward_hook(
+                    lambda m, a, o, i=i: spans.__setitem__(i, (a[0].grad_fn._sequence_nr(), o.grad_fn._sequence_nr()))))
         size = model.patch_embed.img_size
         x = torch.randn(batch, 3, *size, device="cuda", dtype=DTYPES[dtype])
         amp = contextlib.nullcontext()
         if dtype == "autocast":  # CUDA autocast refuses to exist without a driver: only its constructor is told
             with mock_attr(torch.cuda, "is_available", lambda: True):
                 amp = torch.autocast("cuda", dtype=autocast_dtype)
-        with torch.no_grad(), mctf_kernels.use_backend("triton"), _intercept_jit(rec), amp, \
-                _SDPAIsOneKernel(rec), _CountOps(rec):
+        def step():
+            if not train:
+                model(x)
+                return
+            with amp:
+                loss = model(x).float().mean()
+            rec.phase = "backward"
+            _backward_by_hand(loss, rec, spans)  # outside autocast, as a training loop's backward
+            rec.phase = "forward"
+
+        grad = torch.enable_grad() if train else torch.no_grad()
+        with grad, mctf_kernels.use_backend("triton"), _intercept_jit(rec), \
+                (contextlib.nullcontext() if train else amp), _SDPAIsOneKernel(rec), _CountOps(rec), \
+                _tag_mctf_backwards(rec), _autograd_grad_by_hand(rec):
             rec.mute += 1  # a first forward fills any cross-forward cache (e.g. cast weights): steady state is counted
-            model(x)
+            step()
             rec.mute -= 1
-            model(x)
+            rec.sdpa_spans.clear()
+            step()
         for h in hooks:
             h.remove()
         tokens = list(model.mctf_state.tokens_per_block) if preset else None
@@ -602,7 +752,8 @@ def analyse(cap: dict, hw: dict = H100) -> dict:
     """Per-event estimates (compiling every distinct Triton launch) for one capture."""
     out = []
     for ev in cap["events"]:
-        d = dict(kind=ev.kind, name=ev.name, block=ev.block, in_mctf_op=ev.in_mctf_op)
+        d = dict(kind=ev.kind, name=ev.name, block=ev.block, in_mctf_op=ev.in_mctf_op, phase=ev.phase,
+                 square_bytes=ev.square_bytes)
         if ev.kind == "triton":
             L = ev.launch
             facts = compile_launch(L)
@@ -649,6 +800,9 @@ def _kernels_table(events: list) -> list:
         if e["kind"] != "triton":
             continue
         name = _short(e["name"])
+        if name in rows and e["block"] is not None and (rows[name]["first"]["block"] is None
+                                                        or e["block"] < rows[name]["first"]["block"]):
+            rows[name]["first"] = e  # a backward launches deepest block first: keep the first fused layer's
         if name not in rows:
             rows[name] = dict(kernel=name, module=e["name"].split(":")[0], launches=0, est_total_us=0.0,
                               specialisations=set(), max_registers=0, max_spill_bytes=0, min_occupancy=1.0,
@@ -674,10 +828,51 @@ def _kernels_table(events: list) -> list:
     return out
 
 
+def _training_summary(pat: list, pla: list, depth: int) -> dict:
+    """A training step's figures (``train=True``): kernels and estimated time per phase,
+    MCTF's share of the backward, and the attention-sized (..., T, T) bytes its torch ops
+    move (what an eager backward that forms P costs). Every time is an estimate."""
+    def phase(evs, ph):
+        return [e for e in evs if e.get("phase", "forward") == ph]
+
+    bwd, bwd_plain = phase(pat, "backward"), phase(pla, "backward")
+    mctf_bwd = [e for e in bwd if e["role"] == "mctf"]
+    blocks = _per_block(bwd, depth)
+    fused = [r for r in blocks if r["fused"]]
+    step, step_plain = _timeline(pat), _timeline(pla)
+    out = dict(
+        kernels_per_step=len(pat), kernels_per_step_plain=len(pla),
+        backward_kernels=len(bwd), backward_kernels_plain=len(bwd_plain),
+        backward_triton_launches=sum(e["kind"] == "triton" for e in bwd),
+        backward_mctf_kernels=len(mctf_bwd),
+        backward_mctf_kernels_per_fused_layer_max=max(
+            (sum(e["block"] == r["block"] for e in mctf_bwd) for r in fused), default=0),
+        backward_kernels_per_fused_layer_max=max((r["kernels"] for r in fused), default=0),
+        backward_kernels_per_plain_block=max((r["kernels"] for r in _per_block(bwd_plain, depth)
+                                              if r["block"] != "outside blocks"), default=0),
+        est_backward_us=sum(e["est_us"] for e in bwd), est_backward_plain_us=sum(e["est_us"] for e in bwd_plain),
+        est_backward_mctf_us=sum(e["est_us"] for e in mctf_bwd),
+        est_backward_dense_us=sum(e["est_us"] for e in bwd if e["role"] == "dense"),
+        est_forward_us=sum(e["est_us"] for e in phase(pat, "forward")),
+        backward_mctf_square_bytes=sum(e.get("square_bytes", 0) for e in mctf_bwd),
+        backward_mctf_torch_ops=dict(Counter(e["name"] for e in mctf_bwd if e["kind"] == "torch")),
+        backward_mctf_triton=dict(Counter(_short(e["name"]) for e in mctf_bwd if e["kind"] == "triton")),
+        est_step_eager_us=step["est_eager_us"], est_step_plain_eager_us=step_plain["est_eager_us"],
+        est_step_cuda_graph_us=step["est_cuda_graph_us"], est_step_plain_cuda_graph_us=step_plain["est_cuda_graph_us"],
+    )
+    out["est_backward_mctf_share_of_step"] = out["est_backward_mctf_us"] / max(step["est_gpu_us"], 1e-9)
+    out["est_backward_mctf_share_of_backward"] = out["est_backward_mctf_us"] / max(out["est_backward_us"], 1e-9)
+    out["est_step_speedup_eager"] = (step_plain["est_eager_us"] / step["est_eager_us"]) if pla else None
+    out["est_step_speedup_cuda_graph"] = (step_plain["est_cuda_graph_us"] / step["est_cuda_graph_us"]) if pla else None
+    return out
+
+
 def report(model: str, batch: int, dtype: str, preset: str = "mctf", model_kwargs: Optional[dict] = None,
-           latency_batch: Optional[int] = 1, hw: dict = H100, plain: bool = True) -> dict:
+           latency_batch: Optional[int] = 1, hw: dict = H100, plain: bool = True, train: bool = False) -> dict:
     """Everything the static report states, as one JSON-able dict (``plain=False`` skips the
-    plain-model run: its comparisons are then None)."""
+    plain-model run: its comparisons are then None). ``train``: every run is one training
+    step (forward + backward, ``capture(train=True)``) and ``summary["training"]`` holds
+    the step's figures; the forward figures then count the step's kernels."""
     import datetime
     import platform
 
@@ -687,7 +882,7 @@ def report(model: str, batch: int, dtype: str, preset: str = "mctf", model_kwarg
     for label, b, pre in (("patched", batch, preset),) + ((("plain", batch, None),) if plain else ()) + (
             (("patched_latency", latency_batch, preset), ("plain_latency", latency_batch, None))
             if latency_batch else ()):
-        runs[label] = analyse(capture(model, b, dtype, pre, model_kwargs), hw)
+        runs[label] = analyse(capture(model, b, dtype, pre, model_kwargs, train=train), hw)
     empty = dict(events=[], tokens_per_block=None, host_syncs=[], depth=0)
     pat, pla = runs["patched"], runs.get("plain", empty)
     blocks = _per_block(pat["events"], pat["depth"])
@@ -734,6 +929,8 @@ def report(model: str, batch: int, dtype: str, preset: str = "mctf", model_kwarg
     summary["est_hot_kernels_below_25pct_occupancy"] = sorted(hot)
     summary["flop_ideal_speedup"] = (summary["dense_flops_plain"] / max(summary["dense_flops_patched"], 1)
                                      if plain else None)
+    if train:
+        summary["training"] = _training_summary(pat["events"], pla["events"], pat["depth"])
     if latency_batch:
         lp, lb = _timeline(runs["patched_latency"]["events"], hw), _timeline(runs["plain_latency"]["events"], hw)
         summary.update({f"est_patched_b{latency_batch}_cuda_graph_us": lp["est_cuda_graph_us"],
@@ -744,7 +941,7 @@ def report(model: str, batch: int, dtype: str, preset: str = "mctf", model_kwarg
         method=("fake CUDA tensors through the real launchers (GPU launch configurations), every Triton launch "
                 "specialised by the JIT's binder for sm_90 and compiled with triton.compile; ptxas/cuobjdump facts; "
                 "times are estimates from the constants below, never measurements"),
-        model=model, batch=batch, dtype=dtype, preset=preset, model_kwargs=model_kwargs or {},
+        model=model, batch=batch, dtype=dtype, preset=preset, model_kwargs=model_kwargs or {}, train=train,
         latency_batch=latency_batch, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         versions=dict(torch=torch.__version__, triton=triton.__version__, timm=timm.__version__,
                       python=platform.python_version()),

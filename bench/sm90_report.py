@@ -152,6 +152,46 @@ def markdown(r: dict) -> str:
     return "\n".join(out)
 
 
+def training_markdown(r: dict) -> str:
+    """The training step's section (``--train``): every time and share is an estimate."""
+    t = r["summary"]["training"]
+    ops = ", ".join(f"{k.replace('aten::', '')} {v}" for k, v in sorted(t["backward_mctf_torch_ops"].items()))
+    tri = ", ".join(f"{k} {v}" for k, v in sorted(t["backward_mctf_triton"].items()))
+    out = [
+        "## Training step (forward + backward)",
+        "",
+        "One step: train mode, forward, then the backward of the mean of the logits (run node by node on the "
+        "fake tensors: the autograd engine needs a CUDA driver). MCTF work in the backward = Triton launches and "
+        "torch ops inside the `mctf::` ops' backwards. Times and shares are **estimates**.",
+        "",
+        "| figure | MCTF (triton) | plain timm (SDPA) |",
+        "| --- | ---: | ---: |",
+        f"| GPU kernels per step | {t['kernels_per_step']} | {t['kernels_per_step_plain']} |",
+        f"| of which backward | {t['backward_kernels']} | {t['backward_kernels_plain']} |",
+        f"| backward kernels per fused layer (max) / per plain block | {t['backward_kernels_per_fused_layer_max']} "
+        f"| {t['backward_kernels_per_plain_block']} |",
+        f"| MCTF backward kernels per step (max per fused layer) | {t['backward_mctf_kernels']} "
+        f"({t['backward_mctf_kernels_per_fused_layer_max']}) | 0 |",
+        f"| est. backward GPU time (us) | {_f(t['est_backward_us'])} | {_f(t['est_backward_plain_us'])} |",
+        f"| est. step time, eager (us) | {_f(t['est_step_eager_us'])} | {_f(t['est_step_plain_eager_us'])} |",
+        f"| est. step time, CUDA graph (us) | {_f(t['est_step_cuda_graph_us'])} | "
+        f"{_f(t['est_step_plain_cuda_graph_us'])} |",
+        "",
+        f"- est. MCTF backward time: {_f(t['est_backward_mctf_us'])} us = **{t['est_backward_mctf_share_of_step']:.0%}** "
+        f"of the step's GPU time ({t['est_backward_mctf_share_of_backward']:.0%} of the backward; the backward's "
+        f"dense work: {_f(t['est_backward_dense_us'])} us)",
+        f"- attention-sized (..., T, T) operands moved by MCTF backward torch ops: "
+        f"**{t['backward_mctf_square_bytes'] / 1e9:,.2f} GB** per step (an estimate of traffic: each op's inputs + "
+        "outputs counted once)",
+        f"- est. step speedup over plain timm: {t['est_step_speedup_eager']:.2f}x eager, "
+        f"{t['est_step_speedup_cuda_graph']:.2f}x CUDA graph" if t["est_step_speedup_eager"] else "",
+        f"- MCTF backward Triton launches: {tri or 'none'}",
+        f"- MCTF backward torch ops: {ops or 'none'}",
+        "",
+    ]
+    return "\n".join(out)
+
+
 def _short_model(name: str) -> str:
     return name.replace("_patch16_224", "").replace("_patch16_384", "16_384")
 
@@ -167,14 +207,20 @@ def main(argv=None) -> int:
                    help="batch of the CUDA-graph latency estimate (0: none)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="", help="tag in the file name, e.g. 'before'")
+    p.add_argument("--train", action="store_true",
+                   help="one training step (forward + backward) instead of a forward: sm90-train-...")
     a = p.parse_args(argv)
     kwargs = {"img_size": a.img_size} if a.img_size else None
-    r = sm90.report(a.model, a.batch, a.dtype, a.preset, kwargs, a.latency_batch or None)
+    r = sm90.report(a.model, a.batch, a.dtype, a.preset, kwargs, a.latency_batch or None, train=a.train)
     os.makedirs(a.out, exist_ok=True)
-    stem = "-".join(x for x in ("sm90", a.name, _short_model(a.model), a.dtype, f"b{a.batch}") if x)
+    stem = "-".join(x for x in ("sm90", "train" if a.train else "", a.name, _short_model(a.model), a.dtype,
+                                f"b{a.batch}") if x)
     with open(os.path.join(a.out, stem + ".json"), "w") as f:
         json.dump(r, f, separators=(",", ":"), default=str)  # compact: ~1 MB otherwise for 24 layers
     md = markdown(r)
+    if a.train:  # the step's section first; the forward tables below then count the whole step
+        head, _, rest = md.partition("## Per forward")
+        md = head + training_markdown(r) + "\n## Per forward (here: the whole step)" + rest
     with open(os.path.join(a.out, stem + ".md"), "w") as f:
         f.write(md)
     print(md)

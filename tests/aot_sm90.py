@@ -18,12 +18,14 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from mctf_kernels.triton import _attention_backward_kernel as ABK  # noqa: E402
 from mctf_kernels.triton import _attention_kernel as AK  # noqa: E402
 from mctf_kernels.triton import _flash_attention_kernel as FK  # noqa: E402
 from mctf_kernels.triton import _match_kernel as MK  # noqa: E402
+from mctf_kernels.triton import _merge_backward_kernel as GBK  # noqa: E402
 from mctf_kernels.triton import _merge_kernel as GK  # noqa: E402
 from mctf_kernels.triton import _slots_kernel as SK  # noqa: E402
-from mctf_kernels.triton.configs import match_configs, merge_config, slot_index_config  # noqa: E402
+from mctf_kernels.triton.configs import match_configs, merge_backward_config, merge_config, slot_index_config  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -57,6 +59,43 @@ def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4, 
         options["maxnreg"] = maxnreg
     compiled = triton.compile(src, target=TARGET, options=options)
     assert compiled.asm["cubin"], fn.__name__
+    return compiled
+
+
+def compile_backward_kernels(dtypes) -> int:
+    """The training step's Triton backwards, at DeiT-S (C = 384) and ViT-L (C = 1024) widths,
+    batch 256 and batch 1 (channels split)."""
+    count = 0
+    variants = list(itertools.product(dtypes, (0, 1, 2, 3), (False, True), (384, 1024), (256,)))
+    variants += [("fp16", mode, True, 384, 1) for mode in (0, 1, 2, 3)]
+    for dtype, mode, has_size, C, B in variants:
+        cfg = dict(merge_backward_config(GPU, B, 197, C, mode))
+        warps = cfg.pop("num_warps")
+        compile_kernel(GBK._merge_backward_kernel, dict(MODE=mode, HAS_SIZE=has_size, ACC_DTYPE=tl.float32, **cfg),
+                       dtype, ("g_ptr", "x_ptr", "out_ptr", "gx_ptr"), warps)
+        count += 1
+    # the one-step-ahead attention output's backward: the model's path (attention-and-size
+    # pooling, log sizes) everywhere, every option once in fp16 at D = 64
+    from mctf_kernels.triton import configs  # noqa: E402
+    for dtype, D in itertools.product(dtypes, (64, 128)):
+        options = [(1, True, True)] + ([o for o in itertools.product((0, 1, 3), (False, True), (False, True))
+                                        if o != (1, True, True)] if (dtype, D) == ("fp16", 64) else [])
+        cfg = configs.attention_backward_config(D, D, True, dtype == "fp32")
+        for mode, has_size, has_log in options:
+            for kernel, sub in ((ABK._attention_bwd_dq_kernel, "dq"), (ABK._attention_bwd_dkv_kernel, "dkv")):
+                launch = dict(cfg[sub])
+                warps, maxnreg = launch.pop("num_warps"), launch.pop("maxnreg")
+                compile_kernel(kernel, dict(MODE=mode, HAS_SIZE=has_size, HAS_LOG_SIZE=has_log, QK_PRECISION="ieee",
+                                            PV_PRECISION="ieee", ACC_DTYPE=tl.float32, BLOCK_D=cfg["BLOCK_D"],
+                                            BLOCK_DK=cfg["BLOCK_DK"], BLOCK_R=cfg["BLOCK_R"], **launch),
+                               dtype, ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "dq_ptr", "dk_ptr"), warps, maxnreg=maxnreg)
+                count += 1
+        launch = dict(cfg["slot_sum"])
+        warps = launch.pop("num_warps")
+        compile_kernel(ABK._slot_sum_kernel, dict(ACC_DTYPE=tl.float32, BLOCK_D=cfg["BLOCK_D"], **launch),
+                       dtype, ("dv_ptr",), warps)
+        count += 1
+    return count
 
 
 def main() -> int:
@@ -170,6 +209,7 @@ def main() -> int:
                            cfg["num_warps"], maxnreg=cfg["maxnreg"])
             count += 1
         count += 1
+    count += compile_backward_kernels(dtypes)
     print(f"compiled {count} kernel variants for sm_90 in {time.time() - start:.0f} s")
     return 0
 

@@ -137,6 +137,30 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
                 num_warps=4 if block_s * block_c >= 512 else 2)
 
 
+def merge_backward_config(device: torch.device, rows: int, T: int, C: int, mode: int = 1) -> dict:
+    """``_merge_backward_kernel``: BLOCK_T tokens x BLOCK_C channels per step, channels
+    looped (BLOCK_C as ``merge_config``: the largest power of two up to 128 dividing C),
+    BLOCK_R sizes per step of the row's size maximum. On sm_90 (fp16, C = 384) the
+    registers follow the tile's elements per thread (each holds a 64-bit address): 16 x 128
+    on 4 warps takes 196 registers (12.5% occupancy; max pooling spills), 8 x 128 on 8
+    warps 48 (62.5%); max pooling, which also walks the slot's members, 4 x 128 on 4 warps
+    64 (50%). The channels split across programs (SPLIT_C) when the grid would leave SMs
+    idle (batch 1)."""
+    if not gpu_configs(device):  # the interpreter pays per program: few, large ones
+        return dict(BLOCK_T=min(256, triton.next_power_of_2(max(T, 16))),
+                    BLOCK_C=triton.next_power_of_2(max(C, 16)), BLOCK_R=triton.next_power_of_2(max(T, 16)),
+                    SPLIT_C=1, num_warps=4)
+    block_c = 128
+    while block_c > 16 and C % block_c:
+        block_c //= 2
+    block_t, warps = (4, 4) if mode == 2 else (8, 8)
+    chunks = triton.cdiv(C, block_c)
+    split = 1
+    while split < chunks and rows * triton.cdiv(T, block_t) * split < 2 * sm_count(device):
+        split *= 2
+    return dict(BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=128, SPLIT_C=min(split, chunks), num_warps=warps)
+
+
 # ---------------------------------------------------------------- attention
 # Half precision: 64-row query tiles (one Hopper warpgroup MMA has M = 64). Both
 # kernels keep their fp32 tiles in registers; the sizes below are spill-free on sm_90
@@ -207,3 +231,37 @@ def attention_output_config(D: int, D_QK: int, gpu: bool, wide_dtype: bool = Fal
                     maxnreg=None)
     return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256,
                 num_warps=8, maxnreg=128)
+
+
+# ---------------------------------------------------------------- attention backward
+
+def attention_backward_config(D: int, D_QK: int, gpu: bool, wide_dtype: bool = False) -> dict:
+    """``_attention_backward_kernel``'s three launches: ``dq`` (BLOCK_M queries per program,
+    BLOCK_N keys per step), ``dkv`` (BLOCK_N keys per program, BLOCK_M queries per step),
+    ``slot_sum`` (BLOCK_S slots per program); head-dim blocks and the size-max scan's
+    block; ``maxnreg`` None: ptxas's choice. ``wide_dtype``: float32/float64 q, k (FMA
+    dots, operands in registers: smaller tiles).
+
+    sm_90 (tests/aot_sm90.py's compile, attention-and-size pooling with log sizes), all
+    without spills: half, D <= 64: dq 64 x 32 and dkv 64 keys x 16 queries on 8 warps
+    capped at 128 registers, 25% occupancy (uncapped: 240 / 194 registers, 12.5%; 64 x 64
+    dq or 32-query dkv steps spill at 128); half, D = 128: 212 / 210 registers, 12.5%;
+    float32, D <= 64: 111 / 98 registers, 25%; float32, D = 128: 152 / 125 registers.
+    Interpreter: the largest blocks (each op costs Python time, not FLOPs)."""
+    block_d = max(16, triton.next_power_of_2(D))
+    block_dk = max(16, triton.next_power_of_2(D_QK))
+    common = dict(BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_R=1024 if not gpu else 256)
+
+    def launch(m, n, warps, maxnreg=None):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, maxnreg=maxnreg)
+
+    if not gpu:
+        return dict(common, dq=launch(128, 128, 4), dkv=launch(128, 128, 4), slot_sum=dict(BLOCK_S=64, num_warps=4))
+    wide = max(block_d, block_dk) > 64
+    if wide_dtype:
+        dq, dkv = (launch(16, 16, 8), launch(16, 32, 8)) if wide else (launch(32, 16, 8), launch(16, 32, 8))
+    elif wide:
+        dq, dkv = launch(32, 32, 8), launch(16, 64, 8)
+    else:
+        dq, dkv = launch(64, 32, 8, 128), launch(16, 64, 8, 128)
+    return dict(common, dq=dq, dkv=dkv, slot_sum=dict(BLOCK_S=16, num_warps=4))

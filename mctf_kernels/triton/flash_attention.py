@@ -30,9 +30,8 @@ Autograd: ``fusion_attention``'s outputs (``received``, ``lse``) carry no gradie
 (they drive the matching under no_grad); the op runs on detached q, k, and the
 returned ``FusionAttention`` keeps the original q, k so that
 ``fused_attention_output_qk`` differentiates through them. That op's backward is
-eager: it recomputes the explicit softmax from q, k with torch autograd (float32, or
-float64 for float64 inputs) and reuses ``fused_attention_output``'s deterministic
-backward for the P @ V' part. ``lse``, ``log_size``, ``size`` and ``attn_received``
+flash-style Triton (``attention_backward.py``): P recomputed tile by tile from q, k and
+``lse``, never formed. ``lse``, ``log_size``, ``size`` and ``attn_received``
 are treated as constants (the output is a function of q, k, v only; the given
 ``lse`` is the one q, k imply).
 """
@@ -53,7 +52,8 @@ from ..attention import (  # noqa: F401  (the references beside their launchers)
 from . import configs
 from ._common import custom_op, device_guard, last_dim_unit, wrap
 from ._flash_attention_kernel import _attention_lse_received_kernel, _gather_values_kernel
-from .attention import _pv_precision, check_output_args, check_slots, fused_attention_output_backward
+from .attention import _pv_precision, check_output_args, check_slots
+from .attention_backward import launch_fused_qk_backward
 from .merge import launch_merge
 from .slots import launch_slot_index
 
@@ -142,7 +142,7 @@ def _fused_qk_impl(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     # P' @ V' = rowmerge(P @ V'[dest]): three launches, no P formed. (1) gather V'[dest] and
     # the log-size mask; (2) torch's fused attention on q, k, V'[dest] (P is softmax over the
-    # pre-fusion keys; ``lse`` is not needed); (3) the merge kernel pools the query rows
+    # pre-fusion keys; ``lse`` is only the backward's); (3) the merge kernel pools the query rows
     # into their slots with merge's weights, zero-weight and NaN rules, and gives den.
     q, k, v = last_dim_unit(q), last_dim_unit(k), last_dim_unit(v)
     B, H, T, _ = q.shape
@@ -160,26 +160,22 @@ def _fused_qk_impl(
 
 
 def _fused_qk_setup(ctx, inputs, output) -> None:
-    q, k, _lse, log_size, scale, v, dest, t_out, size, attn_received, mode, _order, _starts = inputs
+    q, k, lse, log_size, scale, v, dest, t_out, size, attn_received, mode, order, starts = inputs
     _out, den = output
     ctx.scale, ctx.mode = scale, mode
-    ctx.save_for_backward(q, k, v, dest, den, log_size, size, attn_received)
+    # lse and the slot index travel to the backward when the caller gave them (the model layer does)
+    ctx.save_for_backward(q, k, lse, v, dest, den, log_size, size, attn_received, order, starts)
 
 
 def _fused_qk_backward(ctx, grad_out, _grad_den):
-    q, k, v, dest, den, log_size, size, attn_received = ctx.saved_tensors
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.enable_grad():
-        q_ = q.detach().to(dtype).requires_grad_(True)
-        k_ = k.detach().to(dtype).requires_grad_(True)
-        probs = attention_logits_reference(q_, k_, ctx.scale, log_size).softmax(dim=-1)
-    # P @ V' part: fused_attention_output's backward (float32, deterministic one-hot matmuls).
-    grad_p, grad_v = fused_attention_output_backward(
-        grad_out, probs.detach(), v, dest, den, size, attn_received, ctx.mode
-    )
-    grad_q, grad_k = torch.autograd.grad(probs, (q_, k_), grad_p.to(dtype))
-    return (grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None, grad_v, None, None, None, None, None,
-            None, None)
+    q, k, lse, v, dest, den, log_size, size, attn_received, order, starts = ctx.saved_tensors
+    q, k = last_dim_unit(q), last_dim_unit(k)
+    if lse is None:
+        lse, _unused = _launch_lse_received(q, k, log_size, ctx.scale, want_received=False)
+    grad_q, grad_k, grad_v = launch_fused_qk_backward(
+        grad_out, q, k, lse, log_size, ctx.scale, v, dest, den, size, attn_received, ctx.mode,
+        slots=None if order is None else (order, starts))
+    return grad_q, grad_k, None, None, None, grad_v, None, None, None, None, None, None, None
 
 
 fusion_attention_op = custom_op("fusion_attention", _fusion_attention_impl)
@@ -226,7 +222,8 @@ def fused_attention_output_qk(
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Triton ``fused_attention_output_qk``: P' @ V' (B, H, T', D) for pooling modes 0, 1, 3,
-    recomputing P from q, k (the forward does not read ``lse``; checked when given). ``slots`` is the slot
+    recomputing P from q, k (the forward does not read ``lse``; the backward does, and computes
+    it when None). ``slots`` is the slot
     index ``(order, starts)`` of ``dest`` (``slot_index(dest, t_out)``) when the caller
     already has it. The result is a (B, H, T', D) view of (B, T', H, D) storage, the
     layout the output projection reads."""

@@ -3,7 +3,8 @@ must equal is ``mctf_kernels.merge.merge_reference``.
 
 Layers: ``_merge_kernel`` (one program per block of slots, all channels) <- ``launch_merge``
 (slot index unless given, grid, strides; merges (B, T, C) tokens or (B, H, T, C) per-head
-rows) <- the ``mctf::merge`` op with its autograd <- ``merge`` (the launcher registered
+rows) <- the ``mctf::merge`` op with its autograd (``_merge_backward_kernel``, launched by
+``launch_merge_backward``) <- ``merge`` (the launcher registered
 in ``LAUNCHERS``, the reference's arguments plus an optional precomputed ``slots``).
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ import triton.language as tl
 
 from ..merge import MergeNorm, merge_norm_reference, merge_reference, pooling_weights  # noqa: F401  (references)
 from ._common import custom_op, device_guard, last_dim_unit, wrap
+from ._merge_backward_kernel import _merge_backward_kernel
 from ._merge_kernel import _merge_kernel
-from .configs import merge_config
+from .configs import merge_backward_config, merge_config
 from .slots import launch_slot_index
 
 
@@ -122,9 +124,9 @@ def launch_merge(
     return out, new_size, new_source, den
 
 
-# ---------------------------------------------------------------- backward (eager)
+# ---------------------------------------------------------------- backward
 
-def merge_backward(
+def launch_merge_backward(
     grad_out: torch.Tensor,
     x: Optional[torch.Tensor],
     out: Optional[torch.Tensor],
@@ -134,37 +136,55 @@ def merge_backward(
     attn_received: Optional[torch.Tensor],
     mode: int,
     x_dtype: torch.dtype,
+    slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """d x' / d x for x (B, [H,] T, C): the gathers of the reference's scatters.
+    """d x' / d x for x (B, [H,] T, C) in one launch (two when ``slots`` is not given):
+    ``_merge_backward_kernel``, the gathers of the reference's scatters.
 
-    Weighted: grad_x[t] = (grad[dest t] / W[dest t]) * w_t, where a slot whose weights
-    sum to 0 (``den`` == 0, the kernel's own sums) has w_t = 1 and W = its member count.
-    Max: like torch's scatter_reduce amax gradient, the slot's gradient is split evenly
-    among the members equal to the maximum. Weights carry no gradient (as in the
+    Weighted: grad_x[t] = grad[dest t] * w_t / W[dest t], where a slot whose weights sum
+    to 0 (``den`` == 0, the forward kernel's own sums) has w_t = 1 and W = its member
+    count. Max: the slot's gradient is split evenly among the members equal to its
+    maximum (x and out are read for that). Weights carry no gradient (as in the
     reference). Tokens whose slot is outside [0, T') are in no slot: gradient 0.
     """
+    grad_out = last_dim_unit(grad_out)
     B, T = dest.shape
-    t_out = grad_out.shape[-2]
-    lead = [1] * (grad_out.dim() - 3)
     C = grad_out.shape[-1]
-    dest = dest.long()
-    in_slot = (dest >= 0) & (dest < t_out)
-    dest = torch.where(in_slot, dest, 0)  # gathers stay inside grad_out; masked below
-    index = dest.view(B, *lead, T, 1).expand(*grad_out.shape[:-2], T, C)
-    keep = in_slot.view(B, *lead, T, 1)
+    lead = grad_out.shape[:-2]
+    H = 1 if grad_out.dim() == 3 else grad_out.shape[1]
+    grad_x = torch.empty(*lead, T, C, device=grad_out.device, dtype=x_dtype)
+    if grad_x.numel() == 0:
+        return grad_x
+    order, starts = (s.contiguous() for s in slots) if slots is not None else launch_slot_index(dest, grad_out.shape[-2])
+
+    def strides4(t):  # (b, h, t, c) strides of a (B, T, C) or (B, H, T, C) tensor
+        return (t.stride(0), 0, t.stride(1), t.stride(2)) if t.dim() == 3 else t.stride()
+
     if mode == 2:
-        g = grad_out.to(x.dtype)
-        is_max = (x == out.gather(-2, index)) & keep
-        ties = torch.zeros_like(g).scatter_add(-2, index, is_max.to(g.dtype))
-        return (is_max * (g / ties).gather(-2, index)).to(x_dtype)
-    if size is None:
-        size = torch.ones(B, T, device=dest.device, dtype=torch.float32)
-    w = pooling_weights(mode, size, attn_received)
-    unweighted = den == 0
-    count = torch.zeros_like(den).scatter_add(1, dest, in_slot.float())
-    w = torch.where(unweighted.gather(1, dest), 1.0, w)
-    g = grad_out.float() / torch.where(unweighted, count, den).view(B, *lead, -1, 1)
-    return torch.where(keep, g.gather(-2, index) * w.view(B, *lead, T, 1), 0.0).to(x_dtype)
+        x_arg, out_arg = last_dim_unit(x), out
+    else:
+        x_arg = out_arg = grad_out  # placeholders, never read
+    has_size = size is not None
+    size_arg, ss = (size, size.stride()) if has_size else (den, (0, 0))
+    attn_arg, sa = (attn_received, attn_received.stride()) if mode == 1 else (den, (0, 0))
+    cfg = merge_backward_config(grad_out.device, B * H, T, C, mode)
+    grid = (B * H * triton.cdiv(T, cfg["BLOCK_T"]), cfg["SPLIT_C"])
+    with device_guard(grad_out):
+        wrap(_merge_backward_kernel)[grid](
+            grad_out, *strides4(grad_out),
+            x_arg, *strides4(x_arg),
+            out_arg, *strides4(out_arg),
+            dest, *dest.stride(),
+            order, starts, den,
+            size_arg, *ss,
+            attn_arg, *sa,
+            grad_x, *strides4(grad_x)[:3],
+            H, T, grad_out.shape[-2], C,
+            MODE=mode, HAS_SIZE=has_size,
+            ACC_DTYPE=tl.float64 if grad_out.dtype == torch.float64 or x_dtype == torch.float64 else tl.float32,
+            **cfg,
+        )
+    return grad_x
 
 
 # ---------------------------------------------------------------- op + autograd
@@ -189,21 +209,24 @@ def _merge_impl(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, dest, _t_out, size, attn_received, mode, _source, _order, _starts = inputs
+    x, dest, _t_out, size, attn_received, mode, _source, order, starts = inputs
     out, _new_size, _new_source, den = output
     ctx.mode = mode
     ctx.x_dtype = x.dtype
+    # the slot index travels to the backward when the caller gave one (the model layer does)
     if mode == 2:
-        ctx.save_for_backward(x, out, dest, den, None, None)
+        ctx.save_for_backward(x, out, dest, den, None, None, order, starts)
     else:
-        ctx.save_for_backward(None, None, dest, den, size, attn_received)
+        ctx.save_for_backward(None, None, dest, den, size, attn_received, order, starts)
 
 
 def _backward(ctx, grad_out, _g_size, _g_source, _g_den):
-    x, out, dest, den, size, attn_received = ctx.saved_tensors
+    x, out, dest, den, size, attn_received, order, starts = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = merge_backward(grad_out, x, out, dest, den, size, attn_received, ctx.mode, ctx.x_dtype)
+        slots = None if order is None else (order, starts)
+        grad_x = launch_merge_backward(grad_out, x, out, dest, den, size, attn_received, ctx.mode, ctx.x_dtype,
+                                       slots=slots)
     return grad_x, None, None, None, None, None, None, None, None
 
 
