@@ -76,6 +76,23 @@ def test_merge_backward_matches_reference(device, triton_backend, mode, gpu):
 
 
 @pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_max_pooling_backward_nan_member(device, triton_backend, gpu):
+    """A NaN member makes its slot's maximum NaN in that channel; the reference's amax
+    backward then gives every member of that slot NaN there (0 * g / 0 ties), and the
+    kernel must agree: NaN in those places, the reference's values everywhere else."""
+    dest = torch.tensor([[0, 1, 0, 2, 1, 3, 2, 3]], device=device)
+    x = torch.randn(1, 8, 4, device=device)
+    x[0, 2, 1] = float("nan")
+    x.requires_grad_(True)
+    g = torch.randn(1, 4, 4, device=device)
+    (want,) = torch.autograd.grad(mk.merge_reference(x, dest, 4, mode=2)[0], x, g)
+    with _configs(gpu):
+        (got,) = torch.autograd.grad(mk.merge(x, dest, 4, mode=2)[0], x, g)
+    assert want[0, [0, 2], 1].isnan().all()  # the case this test is about
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
 @pytest.mark.parametrize("mode", (0, 1, 2, 3))
 def test_merge_gradcheck_fp64(device, triton_backend, mode, gpu):
     """fp64 gradcheck (numerical derivative of the Triton forward against the Triton backward,

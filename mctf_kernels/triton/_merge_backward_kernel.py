@@ -78,8 +78,11 @@ def _merge_backward_kernel(
                              mask=live[:, None] & m2, other=0.0)
                 ties += (live[:, None] & (xv == top)).to(tl.int32)
             g = tl.load(g_row + offs_c[None, :] * stride_gc, mask=m2, other=0.0).to(ACC_DTYPE)
-            is_max = m2 & (mine == top)  # NaN maxima are nobody's: no gradient
+            is_max = m2 & (mine == top)
             grad = tl.where(is_max, g / tl.maximum(ties, 1).to(ACC_DTYPE), 0.0)
+            # a NaN maximum ties with no member: torch's amax backward then gives every member
+            # NaN (0 * g / 0), and so do we, as the reference does
+            grad = tl.where(m2 & (top != top), float("nan"), grad)
             tl.store(gx_row + offs_c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=(offs_t < T)[:, None]
                      & (offs_c[None, :] < C))
     else:

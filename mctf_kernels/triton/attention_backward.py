@@ -8,7 +8,10 @@ when the forward was not given them. Deterministic: no atomics.
 The gradient is that of the reference (``fused_attention_output_qk_reference``) with the
 pooling weights, ``log_size`` and ``lse`` as constants (the reference computes the weights
 under no_grad; ``log_size`` comes from sizes, which carry no gradient; ``lse`` is implied
-by q and k, whose softmax normaliser the backward differentiates through Delta).
+by q and k, whose softmax normaliser the backward differentiates through Delta). ``lse``
+must be the one ``fusion_attention`` computed from these q, k, ``log_size`` and ``scale``
+(the model layer passes exactly that); another one gives wrong gradients, and checking it
+would need a host sync.
 """
 from __future__ import annotations
 
