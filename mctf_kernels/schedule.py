@@ -11,6 +11,16 @@ from typing import Union
 Number = Union[int, float]
 
 
+def _check_token_counts(num_tokens: int, num_protected: int) -> None:
+    for name, value in (("num_tokens", num_tokens), ("num_protected", num_protected)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if num_protected < 0 or num_protected > num_tokens:
+        raise ValueError(f"num_protected must be in [0, num_tokens={num_tokens}], got {num_protected}")
+
+
 def tokens_to_remove(num_tokens: int, r: Number, num_protected: int = 1) -> int:
     """Effective number of tokens a layer removes from ``num_tokens`` tokens.
 
@@ -26,13 +36,7 @@ def tokens_to_remove(num_tokens: int, r: Number, num_protected: int = 1) -> int:
     # comparisons, not math.isfinite: torch.compile may trace r as a symbolic float
     if not 0 <= r < math.inf:  # NaN fails every comparison
         raise ValueError(f"r must be >= 0 and finite, got {r}")
-    for name, value in (("num_tokens", num_tokens), ("num_protected", num_protected)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if num_tokens < 1:
-        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    if num_protected < 0 or num_protected > num_tokens:
-        raise ValueError(f"num_protected must be in [0, num_tokens={num_tokens}], got {num_protected}")
+    _check_token_counts(num_tokens, num_protected)
     if num_tokens - r < 10:
         r = num_tokens - 10  # quirk: applied before the fraction is resolved
     mergeable = num_tokens - num_protected
@@ -47,13 +51,7 @@ def tome_tokens_to_remove(num_tokens: int, r: int, num_protected: int = 1) -> in
     unlike ``tokens_to_remove`` there is no ``T - r < 10`` rule and no fraction."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be an int, got {r!r}")
-    for name, value in (("num_tokens", num_tokens), ("num_protected", num_protected)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if num_tokens < 1:
-        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    if num_protected < 0 or num_protected > num_tokens:
-        raise ValueError(f"num_protected must be in [0, num_tokens={num_tokens}], got {num_protected}")
+    _check_token_counts(num_tokens, num_protected)
     return max(min(r, (num_tokens - num_protected) // 2), 0)
 
 
