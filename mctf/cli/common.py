@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import importlib.metadata
 import json
@@ -39,6 +40,29 @@ BACKEND_ENV = "MCTF_BACKEND"
 
 class UsageError(Exception):
     """Bad user input: the tool reports ``<tool>: error: <message>`` and exits with status 2."""
+
+
+@contextlib.contextmanager
+def cli_errors(parser: argparse.ArgumentParser):
+    """Around a tool's checks and run: a ``UsageError``, or the Triton backend refusing
+    to run (raised inside a forward, after the checks), becomes ``prog: error: ...`` with
+    exit 2; a torchrun process group is torn down however the run ends."""
+    try:
+        yield
+    except UsageError as exc:
+        parser.error(str(exc))
+    except Exception as exc:
+        from mctf_kernels import BackendUnavailable
+
+        if isinstance(exc, BackendUnavailable):
+            parser.error(str(exc).splitlines()[0])
+        raise
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def log(msg: str) -> None:

@@ -25,7 +25,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from mctf.cli import common
-from mctf.cli.common import UsageError, log
+from mctf.cli.common import UsageError, cli_errors, log
 
 AMP_DTYPES = ("fp16", "bf16")
 
@@ -347,24 +347,8 @@ def run(args, parsed: Dict) -> Tuple[Dict, bool]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        parsed = check_args(args)
-        report, main_rank = run(args, parsed)
-    except UsageError as exc:
-        parser.error(str(exc))
-    except Exception as exc:
-        # raised inside a forward pass, after the checks above: name the backend refusal plainly
-        from mctf_kernels import BackendUnavailable
-
-        if isinstance(exc, BackendUnavailable):
-            parser.error(str(exc).splitlines()[0])
-        raise
-    finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    with cli_errors(parser):
+        report, main_rank = run(args, check_args(args))
     if main_rank:
         print(format_table(report["results"], report["topk"], args.repeats))
         if args.output:

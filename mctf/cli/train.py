@@ -29,7 +29,7 @@ import time
 from typing import Dict, List, Optional
 
 from mctf.cli import common
-from mctf.cli.common import UsageError, log
+from mctf.cli.common import UsageError, cli_errors, log
 
 PROG = "mctf-train"
 CHECKPOINT = "checkpoint.pth"
@@ -947,26 +947,12 @@ def expand_lists(argv: List[str]) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(expand_lists(sys.argv[1:] if argv is None else list(argv)))
-    try:
-        parsed = check_args(args)
-        train(args, parsed)
-    except UsageError as exc:
-        parser.error(str(exc))
-    except FloatingPointError as exc:  # a diverged run: the last checkpoint is the last good epoch
-        log(f"{PROG}: {exc}")
-        return 1
-    except Exception as exc:
-        from mctf_kernels import BackendUnavailable
-
-        if isinstance(exc, BackendUnavailable):
-            parser.error(str(exc).splitlines()[0])
-        raise
-    finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    with cli_errors(parser):
+        try:
+            train(args, check_args(args))
+        except FloatingPointError as exc:  # a diverged run: the last checkpoint is the last good epoch
+            log(f"{PROG}: {exc}")
+            return 1
     return 0
 
 
