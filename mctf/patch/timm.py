@@ -382,12 +382,18 @@ def patch_timm(model, config: Optional[MCTFConfig] = None):
     config = config.for_depth(depth)  # a preset's blocks follow this model's depth
     active = frozenset(config.layers)
     state = MCTFState(config=config, num_protected=model.num_prefix_tokens, depth=depth, active=active)
+    return _install(model, config, state, MCTFBlock)
+
+
+def _install(model, config, state, block_class: type):
+    """Give ``model`` its patched class, ``config`` and ``state``, and make every block a
+    ``block_class`` (one of ``PATCHED_BLOCKS``) sharing that state. Returns the model."""
     original = getattr(model, "_mctf_original_class", type(model))
     model.__class__ = _patched_class(original)
     model.mctf_state = state
     model.mctf_config = config
     for i, blk in enumerate(model.blocks):
-        blk.__class__ = MCTFBlock
+        blk.__class__ = block_class
         blk._mctf_index = i
         blk._mctf_state = state
     return model

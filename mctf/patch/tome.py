@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import mctf_kernels as mk
 from mctf.config import ToMeConfig
 from mctf.patch.timm import (
-    PATCHED_BLOCKS, TimmBlock, _attention, _check_supported, _heads, _log_size_bias, _output, _patched_class,
+    PATCHED_BLOCKS, TimmBlock, _attention, _check_supported, _heads, _log_size_bias, _output, _install,
 )
 from mctf.state import ToMeState
 
@@ -78,12 +78,4 @@ def patch_tome(model, config: ToMeConfig):
     depth = len(model.blocks)
     state = ToMeState(config=config.for_depth(depth), num_protected=model.num_prefix_tokens, depth=depth,
                       schedule=config.schedule(depth))
-    original = getattr(model, "_mctf_original_class", type(model))
-    model.__class__ = _patched_class(original)
-    model.mctf_state = state
-    model.mctf_config = config
-    for i, blk in enumerate(model.blocks):
-        blk.__class__ = ToMeBlock
-        blk._mctf_index = i
-        blk._mctf_state = state
-    return model
+    return _install(model, config, state, ToMeBlock)
