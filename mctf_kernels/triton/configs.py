@@ -46,15 +46,26 @@ def sm_count(device: torch.device) -> int:
 MATCH_FUSED_MAX_HALF = 128
 
 
-def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool) -> dict:
+def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool,
+                  B: int = 1, sms: int = 132) -> dict:
     """Launch configuration of the matcher: ``fused`` (one launch per image) or the
-    tiled path, block sizes, warps and stages.
+    tiled path, block sizes, warps and stages. ``B`` images on ``sms`` SMs.
 
-    GPU (sm_90 compiles at DeiT-S and ViT-L/16@384 shapes, preset temperatures):
-    - fused: 16 warps, 64 score rows per step, channel chunks of 32 (half, tensor
-      cores) or 16 (fp32 FMA dot), rank keys in chunks of 16, one stage: 128
-      registers, no spills, 25% occupancy (one 16-warp CTA per SM). 8 warps, 128 rows
-      per step, 32-key chunks or pipelining (stages > 1) all spill.
+    GPU (sm_90 compiles at DeiT-S and ViT-L/16@384 shapes, preset temperatures;
+    times are the static report's estimates, bench/NOTES.md section 3):
+    - fused, 128-wide halves (T > 128): 16 warps, 64 score rows per step, channel
+      chunks of 32 (half, tensor cores) or 16 (fp32 FMA dot), rank keys in chunks of
+      32, one stage: <= 128 registers, no spills, one 16-warp CTA per SM (25%).
+      Rank chunks of 16 cost ~6% more instructions, of 64 spill; 8 warps spill.
+    - fused, halves <= 64 (T <= 128; fp32: <= 32) with more images than SMs: 8 warps,
+      32 score rows per step, rank chunks of 32: <= 127 registers, no spills, two CTAs
+      per SM, ~25% fewer warp-instructions per image than 16 warps (fp32 at 64-wide
+      halves spills 212 B: 16 warps there). With at most one image per SM (batch 1) a
+      lone 8-warp CTA cannot hide latency, so 16 warps stay.
+    - the tiled path (4-5 launches, more programs per image) is not chosen for small
+      batches: at batch 1 it is estimated only ~1% faster over a DeiT-S forward
+      (the row and column kernels still loop over all of the other half and all
+      channels per program; smaller tiles are slower) for 4 more kernels per layer.
     - tiled: 64 x 64 score tiles, 16 warps, one stage: 64-124 registers, no spills,
       25-50% occupancy (4 warps: 255 registers with spills, 12.5%).
     Interpreter: the largest blocks (each op costs Python time, not FLOPs)."""
@@ -62,8 +73,10 @@ def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool) -> di
         return 1 << max(n - 1, 0).bit_length()
 
     fused = max(t1, t2) <= MATCH_FUSED_MAX_HALF
-    if gpu and fused:
-        tile, rows, chunk, rank, warps, stages = 128, 64, 32 if half else 16, 16, 16, 1
+    if gpu and fused and p2(max(t1, t2)) <= (64 if half else 32) and B > sms:
+        tile, rows, chunk, rank, warps, stages = 128, 32, 32 if half else 16, 32, 8, 1
+    elif gpu and fused:
+        tile, rows, chunk, rank, warps, stages = 128, 64, 32 if half else 16, 32, 16, 1
     elif gpu:
         tile, rows, chunk, rank, warps, stages = 64, 64, 64 if half else 32, 128, 16, 1
     else:
