@@ -115,8 +115,8 @@ def main() -> int:
                        dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps)
         count += 1
     # with the LayerNorm of x' (whole rows per program: DeiT-S and ViT-L widths)
-    for dtype, mode, C in itertools.product(dtypes, (1, 2), (384, 1024)):
-        cfg = dict(merge_config(GPU, 256, 197, 181, C, 0, whole_rows=True))
+    for dtype, mode, C, B in itertools.product(dtypes, (1, 2), (384, 1024), (256, 1)):
+        cfg = dict(merge_config(GPU, B, 197, 181, C, 0, whole_rows=True))
         warps = cfg.pop("num_warps")
         compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=True, HAS_SOURCE=False, ACC_DTYPE=tl.float32,
                                               HAS_NORM=True, **cfg),

@@ -206,15 +206,18 @@ def test_batch_policy_gpu_configs(device, monkeypatch, T, C, bidirectional, num_
     assert {(c["num_warps"], min(c["BLOCK_M"], c["BLOCK_A"])) for c in seen} == {(want[0], min(want[1], half_width))}
 
 
-def test_batch_policy_half_precision(device, monkeypatch):
-    """fp16 with more images than SMs at 64-wide halves: 8 warps, 32-row blocks, and the
-    half-precision contract (differences only at near-ties) holds."""
-    seen = _record_configs(monkeypatch, 1)
-    x, a, s = _inputs(device, 2, 117, 64, dtype=torch.float16)
+@pytest.mark.parametrize("T,C,sms,warps,rows", [(117, 160, 1, 8, 32), (197, 160, 132, 16, 64)])
+def test_batch_policy_half_precision(device, monkeypatch, T, C, sms, warps, rows):
+    """fp16 with the GPU configurations: 64-channel chunks (C = 160 ends in a partial one),
+    8 warps / 32-row blocks with more images than SMs (64-wide halves), 16 warps / 64-row
+    blocks at 128-wide halves; the half-precision contract (differences only at near-ties)."""
+    seen = _record_configs(monkeypatch, sms)
+    x, a, s = _inputs(device, 2, T, C, dtype=torch.float16)
+    rs = _r_values(T, 1)
     with force_gpu_configs():
-        differing = sum(_check_half(x, r, a, s, torch.float16) for r in (1, 19, 58))
-    assert differing <= 0.02 * 2 * 117 * 3
-    assert {(c["num_warps"], c["BLOCK_M"], c["BLOCK_A"]) for c in seen} == {(8, 32, 64)}
+        differing = sum(_check_half(x, r, a, s, torch.float16) for r in rs)
+    assert differing <= 0.02 * 2 * T * len(rs)
+    assert {(c["num_warps"], c["BLOCK_M"], c["BLOCK_C"]) for c in seen} == {(warps, rows, 64)}
 
 
 # ---------------------------------------------------------------- non-finite inputs
