@@ -106,10 +106,11 @@ def main() -> int:
     pow_modes = [(MK.POW_ONE, MK.POW_GENERAL, MK.POW_GENERAL), (MK.POW_SQRT, MK.POW_OFF, MK.POW_SQUARE),
                  (MK.POW_CUBE, MK.POW_GENERAL, MK.POW_OFF), (MK.POW_OFF, MK.POW_OFF, MK.POW_OFF)]
     tome_modes = (MK.SIM_COSINE, MK.POW_OFF, MK.POW_OFF)
-    for (T, C), dtype in itertools.product(((197, 384), (1370, 1280)), dtypes):
+    # (T, C, images): B = 256 at T = 117 takes the many-images branch (8 warps, 32-row blocks)
+    for (T, C, B), dtype in itertools.product(((197, 384, 1), (117, 384, 256), (1370, 1280, 1)), dtypes):
         t1, t2 = (T + 1) // 2, T // 2
         half = dtype != "fp32"
-        cfg = match_configs(True, t1, t2, C, T, half)
+        cfg = match_configs(True, t1, t2, C, T, half, B)
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dot = dict(HALF=half, DOT_DTYPE={"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[dtype])
         # the preset's pow paths everywhere; the others (and no prefix token) once, in fp16 at DeiT-S
@@ -153,8 +154,8 @@ def main() -> int:
                        dtype, ("x_ptr", "out_ptr", "src_ptr", "new_src_ptr"), warps)
         count += 1
     # with the LayerNorm of x' (whole rows per program: DeiT-S and ViT-L widths)
-    for dtype, mode, C in itertools.product(dtypes, (1, 2), (384, 1024)):
-        cfg = dict(merge_config(GPU, 256, 197, 181, C, 0, whole_rows=True))
+    for dtype, mode, C, B in itertools.product(dtypes, (1, 2), (384, 1024), (256, 1)):
+        cfg = dict(merge_config(GPU, B, 197, 181, C, 0, whole_rows=True))
         warps = cfg.pop("num_warps")
         compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=True, HAS_SOURCE=False, ACC_DTYPE=tl.float32,
                                               HAS_NORM=True, **cfg),

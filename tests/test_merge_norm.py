@@ -128,3 +128,23 @@ def test_grouped_rows_in_either_layout(device, triton_backend, gpu):
             got = launch_merge(layout, dest, t_out, size, received, 1, None, out=out.view(B, t_out, H * D),
                                grouped=True)
             assert torch.equal(out.view(B, t_out, H * D), want[0]) and torch.equal(got[3], want[3])
+
+
+@pytest.mark.parametrize("sms,block_s", [(132, 2), (20, 4)])
+def test_merge_norm_slots_per_program(device, triton_backend, monkeypatch, sms, block_s):
+    """The GPU policy's slots per program (2 below one program per SM, else 4; SMs
+    patched to reach each at B = 2) give bit-identical
+    tokens, sizes and normed rows: every slot's row is reduced on its own."""
+    from mctf_kernels.triton import configs
+
+    B, T, C = 2, 197, 384
+    x, dest, t_out, received, size, weight, bias = _inputs(B, T, C, torch.float16, device)
+    norm = mk.MergeNorm(weight, bias, 1e-6, torch.float16)
+    with torch.no_grad():
+        want = mk.merge(x, dest, t_out, size, received, mode=1, norm=norm)
+        monkeypatch.setattr(configs, "sm_count", lambda device: sms)
+        with force_gpu_configs():
+            assert configs.merge_config(x.device, B, T, t_out, C, 0, whole_rows=True)["BLOCK_S"] == block_s
+            got = mk.merge(x, dest, t_out, size, received, mode=1, norm=norm)
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2])) and got[2] is None
+    assert torch.equal(got[3], want[3])

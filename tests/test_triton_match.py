@@ -153,7 +153,7 @@ FORCED = [(197, 384, True, 1), (197, 64, False, 2), (197, 64, True, 0), (577, 64
 
 @pytest.mark.parametrize("T,C,bidirectional,num_protected", FORCED)
 def test_gpu_configs_under_interpreter(device, T, C, bidirectional, num_protected):
-    """The GPU block sizes and loops (fused: 64-row blocks, 16-channel chunks, 16-key
+    """The GPU block sizes and loops (fused: 64-row blocks, 16-channel chunks, 32-key
     rank chunks; tiled: 64 x 64 tiles) cross their boundaries at T = 197 / 577."""
     x, a, s = _inputs(device, 2 if T == 197 else 1, T, C)
     before = triton_match.launch_count
@@ -165,6 +165,59 @@ def test_gpu_configs_under_interpreter(device, T, C, bidirectional, num_protecte
                tau_sim=1.0, tau_size=1.0, num_protected=num_protected, bidirectional=bidirectional)
     per_call = 1 if T <= 256 else (5 if bidirectional else 4)
     assert triton_match.launch_count - before == per_call * (len(_r_values(T, num_protected)) + 1)
+
+
+# The batch policy: with more images than SMs, halves <= 64 run 8 warps and 32-row
+# score blocks (2 CTAs per SM); with at most one image per SM (batch 1) 16 warps and
+# 64-row blocks. SMs are patched to 1 so that B = 2 takes the many-images branch.
+POLICY = [(117, 64, True, 1), (101, 48, False, 2), (53, 64, True, 0), (37, 32, True, 1)]
+
+
+def _record_configs(monkeypatch, sms):
+    seen = []
+    real = triton_match.match_configs
+
+    def recording(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        seen.append(cfg)
+        return cfg
+    monkeypatch.setattr(triton_match, "match_configs", recording)
+    monkeypatch.setattr(triton_match, "sm_count", lambda device: sms)
+    return seen
+
+
+@pytest.mark.parametrize("T,C,bidirectional,num_protected", POLICY)
+@pytest.mark.parametrize("sms", [1, 132])
+def test_batch_policy_gpu_configs(device, monkeypatch, T, C, bidirectional, num_protected, sms):
+    """Both branches of the batch policy, with GPU block sizes, equal the reference bit for
+    bit (random and exact-tie tokens), and the ToMe cosine score runs through them too."""
+    seen = _record_configs(monkeypatch, sms)
+    x, a, s = _inputs(device, 2, T, C)
+    x_t = _tie_tokens(device, 2, T, C)
+    with force_gpu_configs():
+        for r in _r_values(T, num_protected):
+            _check(x, r, a, s, num_protected=num_protected, bidirectional=bidirectional)
+            _check(x_t, r, None, torch.randint(1, 4, (2, T), device=device).float(), tau_sim=1.0,
+                   tau_size=1.0, num_protected=num_protected, bidirectional=bidirectional)
+            _check(x_t, r, num_protected=num_protected, bidirectional=bidirectional, score="cosine")
+    half_width = 1 << ((T + 1) // 2 - 1).bit_length()
+    want = (8, 32) if sms == 1 and half_width <= 32 else (16, 64)  # fp32: 8 warps up to 32-wide halves
+    assert seen and all(c["fused"] for c in seen)
+    assert {(c["num_warps"], min(c["BLOCK_M"], c["BLOCK_A"])) for c in seen} == {(want[0], min(want[1], half_width))}
+
+
+@pytest.mark.parametrize("T,C,sms,warps,rows", [(117, 160, 1, 8, 32), (197, 160, 132, 16, 64)])
+def test_batch_policy_half_precision(device, monkeypatch, T, C, sms, warps, rows):
+    """fp16 with the GPU configurations: 64-channel chunks (C = 160 ends in a partial one),
+    8 warps / 32-row blocks with more images than SMs (64-wide halves), 16 warps / 64-row
+    blocks at 128-wide halves; the half-precision contract (differences only at near-ties)."""
+    seen = _record_configs(monkeypatch, sms)
+    x, a, s = _inputs(device, 2, T, C, dtype=torch.float16)
+    rs = _r_values(T, 1)
+    with force_gpu_configs():
+        differing = sum(_check_half(x, r, a, s, torch.float16) for r in rs)
+    assert differing <= 0.02 * 2 * T * len(rs)
+    assert {(c["num_warps"], c["BLOCK_M"], c["BLOCK_C"]) for c in seen} == {(warps, rows, 64)}
 
 
 # ---------------------------------------------------------------- non-finite inputs

@@ -4,8 +4,8 @@
 Two designs, chosen by the launcher (``match.py``) from T:
 
 - ``_match_fused_kernel`` (t1, t2 <= 128, every 224 px /16 model): ONE launch, one
-  program per image. Token stats, the (t1, t2) scores (each computed once, 64 rows
-  at a time, and kept in a per-image fp32 scratch that stays in L2 for the column
+  program per image. Token stats, the (t1, t2) scores (each computed once, BLOCK_M
+  rows at a time (32 or 64 on a GPU, ``configs.match_configs``), and kept in a per-image fp32 scratch that stays in L2 for the column
   pass: the whole 128 x 128 tile in registers spills), row max/argmax, the rank of
   A, the column max over unmerged A, the rank of B and the slot map. Vectors that must be read in another order than they are
   held (keys to rank, raw slots to gather) go through O(T) global scratch written

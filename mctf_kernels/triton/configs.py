@@ -46,15 +46,27 @@ def sm_count(device: torch.device) -> int:
 MATCH_FUSED_MAX_HALF = 128
 
 
-def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool) -> dict:
+def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool,
+                  B: int = 1, sms: int = 132) -> dict:
     """Launch configuration of the matcher: ``fused`` (one launch per image) or the
-    tiled path, block sizes, warps and stages.
+    tiled path, block sizes, warps and stages. ``B`` images on ``sms`` SMs.
 
-    GPU (sm_90 compiles at DeiT-S and ViT-L/16@384 shapes, preset temperatures):
-    - fused: 16 warps, 64 score rows per step, channel chunks of 32 (half, tensor
-      cores) or 16 (fp32 FMA dot), rank keys in chunks of 16, one stage: 128
-      registers, no spills, 25% occupancy (one 16-warp CTA per SM). 8 warps, 128 rows
-      per step, 32-key chunks or pipelining (stages > 1) all spill.
+    GPU (sm_90 compiles at DeiT-S and ViT-L/16@384 shapes, preset temperatures;
+    times are the static report's estimates, bench/NOTES.md section 3):
+    - fused, 16 warps: 64 score rows per step, channel chunks of 64 (half, tensor
+      cores; 32 for halves <= 32, where 64 spills) or 16 (fp32 FMA dot), rank keys in
+      chunks of 32, one stage: <= 128 registers, no spills, one 16-warp CTA per SM
+      (25%). Against 32-channel chunks and 16-key rank chunks, ~40% fewer instructions
+      per image (estimate); rank chunks of 64 spill; 8 warps at 128-wide halves spill.
+    - fused, halves <= 64 (T <= 128; fp32: <= 32) with more images than SMs: 8 warps,
+      32 score rows per step, channel chunks of 64 (half) or 16, rank chunks of 32:
+      <= 127 registers, no spills, two CTAs per SM, fewer warp-instructions per image
+      than 16 warps (fp32 at 64-wide halves spills 212 B: 16 warps there). With at most
+      one image per SM (batch 1) a lone 8-warp CTA cannot hide latency: 16 warps.
+    - the tiled path (4-5 launches, more programs per image) is not chosen for small
+      batches: at batch 1 it is estimated only ~1% faster over a DeiT-S forward
+      (the row and column kernels still loop over all of the other half and all
+      channels per program; smaller tiles are slower) for 4 more kernels per layer.
     - tiled: 64 x 64 score tiles, 16 warps, one stage: 64-124 registers, no spills,
       25-50% occupancy (4 warps: 255 registers with spills, 12.5%).
     Interpreter: the largest blocks (each op costs Python time, not FLOPs)."""
@@ -62,8 +74,12 @@ def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool) -> di
         return 1 << max(n - 1, 0).bit_length()
 
     fused = max(t1, t2) <= MATCH_FUSED_MAX_HALF
-    if gpu and fused:
-        tile, rows, chunk, rank, warps, stages = 128, 64, 32 if half else 16, 16, 16, 1
+    width = p2(max(t1, t2))
+    if gpu and fused and width <= (64 if half else 32) and B > sms:
+        tile, rows, chunk, rank, warps, stages = 128, 32, 64 if half else 16, 32, 8, 1
+    elif gpu and fused:
+        chunk = (64 if width >= 64 else 32) if half else 16
+        tile, rows, rank, warps, stages = 128, 64, 32, 16, 1
     elif gpu:
         tile, rows, chunk, rank, warps, stages = 64, 64, 64 if half else 32, 128, 16, 1
     else:
@@ -118,8 +134,16 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
             return dict(BLOCK_S=min(64, triton.next_power_of_2(max(t_out, 1))), BLOCK_C=block_c,
                         BLOCK_N=triton.next_power_of_2(max(N, 16)), BLOCK_T=triton.next_power_of_2(max(T, 16)),
                         SPLIT_C=1, num_warps=4)
-        return dict(BLOCK_S=4, BLOCK_C=block_c, BLOCK_N=128, BLOCK_T=128, SPLIT_C=1,
-                    num_warps=8 if block_c >= 1024 else 4)
+        # 4 slots per program (80 registers, 6 CTAs/SM). By the static report's estimates
+        # (DeiT-S fp16): 8 slots issue ~8% fewer instructions over a forward but take 157
+        # registers (3 CTAs/SM, 18.75% occupancy, under the 25% target); 2 warps spill,
+        # 16 slots or 8 warps cost more. With fewer programs than SMs (batch 1) the
+        # longest program sets the time, and 2 slots make it ~27% shorter.
+        block_s = 4
+        if block_c <= 512 and rows * triton.cdiv(t_out, 4) < sm_count(device):
+            block_s = 2
+        return dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_N=128, BLOCK_T=128,
+                    SPLIT_C=1, num_warps=8 if block_c >= 1024 else 4)
     if not gpu_configs(device):
         return dict(BLOCK_S=min(64, triton.next_power_of_2(max(t_out, 1))), BLOCK_C=triton.next_power_of_2(max(C, 16)),
                     BLOCK_N=triton.next_power_of_2(max(N, 16)), BLOCK_T=triton.next_power_of_2(max(T, 16)),

@@ -30,7 +30,7 @@ from ..scores import check_score, compute_dtype
 from . import LAUNCHERS
 from . import _match_kernel as K
 from ._common import custom_op, wrap
-from .configs import gpu_configs, match_configs
+from .configs import gpu_configs, match_configs, sm_count
 
 # Ranks, positions and slots are int32 inside the kernels; 2**16 tokens keeps
 # every count far from overflow and is well beyond ViT sequence lengths.
@@ -76,7 +76,7 @@ def _match_impl(
     info_mode, e_info = _pow_mode(tau_info, attn_received is not None)
     size_mode, e_size = _pow_mode(tau_size, size is not None)
     half = dot_dtype != 0
-    cfg = match_configs(gpu_configs(dev), t1, t2, C, T, half)
+    cfg = match_configs(gpu_configs(dev), t1, t2, C, T, half, B, sm_count(dev))
     # pow: libdevice powf (torch's own) on the exact fp32 path, MUFU log2/exp2 on the
     # half path, float64 under the interpreter (no libdevice there)
     use_libdevice = 0 if dev.type != "cuda" or interpreter_enabled() else (1 if half else 2)
