@@ -17,8 +17,8 @@ computed twice for T <= 256 (three times above: the received kernel then loops t
   keys, and the merge kernel pools the query rows into their slots (merge's weights,
   zero-weight and NaN rules) straight into the (B, T', H, D) layout ``proj`` reads.
   The static sm_90 report estimates this at a fraction of the single fused Triton
-  kernel it replaces (bench/NOTES.md, section 3); ``_fused_attention_output_kernel``
-  still serves ``fused_attention_output`` (P formed: training with attention dropout).
+  kernel it replaced (bench/NOTES.md, section 3); ``_fused_attention_output_kernel``
+  serves only ``fused_attention_output`` (P formed: training with attention dropout).
 
 Logits in ``fusion_attention`` are ``(q * scale rounded to q's dtype) @ k^T`` accumulated
 in float32 (tensor cores for half inputs), plus ``log_size`` on each key in float32;
