@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_dest
+from .._checks import check_output_operands, check_slot_index
 from ..attention import attention_received_reference, fused_attention_output_reference  # noqa: F401
 from ..merge import pooling_weights
 from . import configs
@@ -187,36 +187,17 @@ fused_op = custom_op("fused_attention_output", _fused_impl, _fused_backward, _fu
 
 
 def check_output_args(op: str, bht, v, dest, t_out, size, attn_received, mode, device) -> None:
-    """Arguments shared by the two P' @ V' launchers (from P, or from q and k)."""
-    B, H, T = bht
-    if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
-        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
-    if v.device != device:
-        raise ValueError(f"v is on {v.device} but the attention inputs are on {device}")
-    check_dest(dest, B, T, t_out, device)
+    """What the two P' @ V' launchers (from P, or from q and k) check again after ``ops``:
+    the operands' shapes and devices (the kernels index by them; one shared check, see
+    ``check_output_operands``) and the pooling mode, where a direct call with mode 2 or
+    mode 1 without ``attn_received`` would otherwise give a wrong result, not an error."""
+    check_output_operands(*bht, v, dest, t_out, size, attn_received, device)
     if mode == 2:
         raise ValueError(f"{op} has no kernel for max pooling (mode 2): P' does not factor")
     if mode not in (0, 1, 3):
         raise ValueError(f"pooling mode must be one of (0, 1, 3) here, got {mode!r}")
     if mode == 1 and attn_received is None:
         raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
-    for name, t in (("size", size), ("attn_received", attn_received)):
-        if t is not None and (tuple(t.shape) != (B, T) or t.device != device):
-            raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {device}")
-
-
-def check_slots(slots, B: int, T: int, t_out: int, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """A precomputed slot index ``(order, starts)``: int32/int64 (B, T) and (B, T'+1) on
-    ``device``. Its values are not checked (a host sync); the kernel clamps every index
-    it reads, so wrong values give wrong numbers, never an access outside a tensor."""
-    if slots is None:
-        return None, None
-    order, starts = slots
-    for name, t, shape in (("order", order, (B, T)), ("starts", starts, (B, t_out + 1))):
-        if (not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape
-                or t.device != device):
-            raise ValueError(f"slots: {name} must be int32/int64 of shape {shape} on {device}")
-    return order, starts
 
 
 def attention_received(attn: torch.Tensor) -> torch.Tensor:
@@ -243,6 +224,6 @@ def fused_attention_output(
         raise ValueError(f"attn must have shape (B, H, T, T), got {tuple(attn.shape)}")
     check_output_args("fused_attention_output", attn.shape[:3], v, dest, t_out, size, attn_received, mode,
                       attn.device)
-    order, starts = check_slots(slots, attn.shape[0], attn.shape[2], t_out, attn.device)
+    order, starts = check_slot_index(slots, attn.shape[0], attn.shape[2], t_out, attn.device)
     out, _den = fused_op(attn, v, dest, t_out, size, attn_received, mode, order, starts)
     return out
