@@ -133,6 +133,17 @@ def slot_index(dest: torch.Tensor, t_out: int) -> SlotIndex:
     return launcher(dest, t_out)
 
 
+def shared_slot_index(dest: torch.Tensor, t_out: int) -> Optional[SlotIndex]:
+    """``slot_index(dest, t_out)`` to pass as ``slots=`` to several ops, or None when the
+    slot index would run as the reference: then the ops run their references too (the
+    model layer's case), which pool by ``dest`` and never read ``slots``, so the sort is
+    skipped. Decided from the backend and device alone (no host sync); results are the
+    same either way (a Triton launcher given ``slots=None`` computes the index itself)."""
+    if dispatch.select("slot_index", dest.device) is None:
+        return None
+    return slot_index(dest, t_out)
+
+
 def merge(
     x: torch.Tensor,
     dest: torch.Tensor,

@@ -84,8 +84,37 @@ def test_model_with_triton_backend_launches_kernels(device, monkeypatch):
     images = torch.randn(1, 3, *model.patch_embed.img_size, device=device)
     run(model, images, "triton")
     fused_layers = len(model.blocks) - 1
-    for op in ("fusion_attention", "match", "merge", "fused_attention_output_qk"):
+    for op in ("fusion_attention", "match", "merge", "fused_attention_output_qk", "slot_index"):
         assert calls.count(op) == fused_layers, op
+
+
+@pytest.mark.parametrize("one_step_ahead", (1, 2))
+def test_reference_model_skips_the_slot_index(device, monkeypatch, one_step_ahead):
+    """The reference ops pool by dest and never read slots=: with the reference backend the
+    model layer computes no slot index (no sort per fused layer), and its results are those
+    of a run that passes one to every op."""
+    import mctf_kernels.ops as ops
+
+    model = build(device, one_step_ahead=one_step_ahead)
+    images = torch.randn(2, 3, *model.patch_embed.img_size, device=device)
+    passed = []
+    real_merge = ops.merge
+    monkeypatch.setattr(ops, "merge", lambda *a, _m=real_merge, **k: passed.append(k.get("slots")) or _m(*a, **k))
+    monkeypatch.setattr("mctf_kernels.merge", ops.merge)
+    ref = run(model, images, "reference")
+    assert passed and all(s is None for s in passed)
+
+    sorted_index = []
+    real_ref = ops.slot_index_reference
+
+    def given(dest, t_out):  # as the model layer did before: one index per layer, handed to the ops
+        sorted_index.append(t_out)
+        return real_ref(dest, t_out)
+    monkeypatch.setattr(ops, "shared_slot_index", given)
+    monkeypatch.setattr("mctf_kernels.shared_slot_index", given)
+    with_index = run(model, images, "reference")
+    assert len(sorted_index) == len(model.blocks) - 1
+    assert with_index[2] == ref[2] and torch.equal(with_index[1], ref[1]) and torch.equal(with_index[0], ref[0])
 
 
 def test_torch_compile_fullgraph_reference():
