@@ -157,3 +157,33 @@ def test_cuda_graph_capture_triton():
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), want.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_training_with_attention_dropout_triton_equals_reference(device, monkeypatch):
+    """Attention dropout in training forms P (dropped out by timm's module) and takes the
+    P-form fused_attention_output kernel: logits and gradients as the reference's, the
+    dropout mask being the same under the same seed."""
+    model = build(device).train()
+    for blk in model.blocks:
+        blk.attn.attn_drop.p = 0.25
+    images = torch.randn(2, 3, *model.patch_embed.img_size, device=device)
+    calls = []
+    fn = LAUNCHERS["fused_attention_output"]
+    monkeypatch.setitem(LAUNCHERS, "fused_attention_output", lambda *a, **k: calls.append(1) or fn(*a, **k))
+
+    def step(backend):
+        model.zero_grad()
+        torch.manual_seed(1)
+        with mctf.use_backend(backend):
+            logits = model(images)
+        logits.float().square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref = step("reference")
+    assert not calls
+    got = step("triton")
+    assert len(calls) == len(model.blocks) - 1
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    assert len(got[1]) == len(ref[1])
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()))
