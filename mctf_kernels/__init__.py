@@ -20,6 +20,7 @@ from .ops import (
     fusion_attention,
     match,
     merge,
+    shared_slot_index,
     slot_index,
 )
 from .schedule import split_directions, tokens_to_remove, tome_tokens_to_remove
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "BackendUnavailable", "get_backend", "set_backend", "use_backend",
     "tokens_to_remove", "split_directions",
-    "match", "merge", "MergeNorm", "merge_norm_reference", "slot_index", "SlotIndex", "slot_index_reference", "attention_received", "fused_attention_output",
+    "match", "merge", "MergeNorm", "merge_norm_reference", "slot_index", "shared_slot_index", "SlotIndex", "slot_index_reference", "attention_received", "fused_attention_output",
     "fusion_attention", "fused_attention_output_from", "FusionAttention",
     "attention_logits_reference", "fusion_attention_reference", "fused_attention_output_qk_reference",
     "scores_reference", "match_reference", "match_from_scores_reference", "merge_reference",

@@ -128,6 +128,36 @@ def check_dest(dest: torch.Tensor, batch: int, tokens: int, t_out: int, device) 
         raise ValueError(f"t_out must be an int in [1, T={tokens}], got {t_out!r}")
 
 
+def check_slot_index(slots, batch: int, tokens: int, t_out: int, device) -> tuple:
+    """A precomputed slot index ``(order, starts)`` (``slot_index``'s result): int32/int64
+    (B, T) and (B, T'+1) on ``device``; returns it, or (None, None) for None. Its values
+    are not read (a host sync): the kernels clamp every index they take from it, so wrong
+    values give wrong numbers, never an access outside a tensor."""
+    if slots is None:
+        return None, None
+    if not isinstance(slots, tuple) or len(slots) != 2:
+        raise ValueError("slots must be the (order, starts) pair from mctf_kernels.slot_index")
+    for name, t, shape in (("order", slots[0], (batch, tokens)), ("starts", slots[1], (batch, t_out + 1))):
+        if (not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape
+                or t.device != device):
+            raise ValueError(f"slots.{name} must be int32/int64 of shape {shape} on {device}, "
+                             f"got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+    return slots[0], slots[1]
+
+
+def check_output_operands(batch: int, heads: int, tokens: int, v, dest, t_out, size, attn_received, device) -> None:
+    """Shapes and devices of the P' @ V' operands besides the attention (B, H, T, .): what the
+    kernels index by (B, H, T, T', D), so a direct launcher call with a wrong shape or device
+    is an error, not an access outside a tensor."""
+    if tuple(v.shape[:3]) != (batch, heads, t_out) or v.dim() != 4:
+        raise ValueError(f"v must have shape (B, H, T', D) = ({batch}, {heads}, {t_out}, D), got {tuple(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"v is on {v.device} but the attention is on {device}")
+    check_dest(dest, batch, tokens, t_out, device)
+    check_per_token("size", size, batch, tokens, device)
+    check_per_token("attn_received", attn_received, batch, tokens, device)
+
+
 # ---------------------------------------------------------------------------
 # value checks: host synchronisation, only on request
 

@@ -22,12 +22,14 @@ from ._checks import (
     check_dest_values,
     check_finite,
     check_heads,
+    check_output_operands,
     check_per_token,
     check_pooling,
     check_received,
     check_same_device_dtype,
     check_scale,
     check_sizes_positive,
+    check_slot_index,
     check_source,
     check_temperature,
     check_tokens,
@@ -131,16 +133,15 @@ def slot_index(dest: torch.Tensor, t_out: int) -> SlotIndex:
     return launcher(dest, t_out)
 
 
-def _check_slots(slots, B: int, T: int, t_out: int, device: torch.device) -> None:
-    """``slots`` must be a slot index (order, starts) for a (B, T) map with T' = t_out slots."""
-    if slots is None:
-        return
-    if not isinstance(slots, tuple) or len(slots) != 2:
-        raise ValueError("slots must be the (order, starts) pair from mctf_kernels.slot_index")
-    for name, t, shape in (("order", slots[0], (B, T)), ("starts", slots[1], (B, t_out + 1))):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.int64 or t.device != device:
-            raise ValueError(f"slots.{name} must be int64 of shape {shape} on {device}, "
-                             f"got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+def shared_slot_index(dest: torch.Tensor, t_out: int) -> Optional[SlotIndex]:
+    """``slot_index(dest, t_out)`` to pass as ``slots=`` to several ops, or None when the
+    slot index would run as the reference: then the ops run their references too (the
+    model layer's case), which pool by ``dest`` and never read ``slots``, so the sort is
+    skipped. Decided from the backend and device alone (no host sync); results are the
+    same either way (a Triton launcher given ``slots=None`` computes the index itself)."""
+    if dispatch.select("slot_index", dest.device) is None:
+        return None
+    return slot_index(dest, t_out)
 
 
 def merge(
@@ -177,7 +178,7 @@ def merge(
     if mode == 1 and attn_received is None:
         raise ValueError("merge mode 1 (attention-and-size pooling) needs attn_received")
     check_source(source, B, T, x.device)
-    _check_slots(slots, B, T, t_out, x.device)
+    check_slot_index(slots, B, T, t_out, x.device)
     _check_merge_norm(norm, x)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
@@ -222,13 +223,7 @@ def attention_received(attn: torch.Tensor, *, validate: Optional[bool] = None) -
 def _check_output_args(B: int, H: int, T: int, v, dest, t_out, size, attn_received, mode, device) -> None:
     """Arguments of the two P' @ V' ops (from P, or from q and k)."""
     check_heads("v", v)
-    check_dest(dest, B, T, t_out, device)
-    if tuple(v.shape[:3]) != (B, H, t_out):
-        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
-    if v.device != device:
-        raise ValueError(f"v is on {v.device} but the attention is on {device}")
-    check_per_token("size", size, B, T, device)
-    check_per_token("attn_received", attn_received, B, T, device)
+    check_output_operands(B, H, T, v, dest, t_out, size, attn_received, device)
     check_pooling(mode)
     if mode == 1 and attn_received is None:
         raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
@@ -258,7 +253,7 @@ def fused_attention_output(
     check_attention("attn", attn)
     B, H, T, _ = attn.shape
     _check_output_args(B, H, T, v, dest, t_out, size, attn_received, mode, attn.device)
-    _check_slots(slots, B, T, t_out, attn.device)
+    check_slot_index(slots, B, T, t_out, attn.device)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
         check_finite("attn", attn)
@@ -331,7 +326,7 @@ def fused_attention_output_from(
         return fused_attention_output(att.probs, v, dest, t_out, size, att.received, mode=mode, slots=slots, validate=validate)
     B, H, T, _ = att.q.shape
     _check_output_args(B, H, T, v, dest, t_out, size, att.received, mode, att.q.device)
-    _check_slots(slots, B, T, t_out, v.device)
+    check_slot_index(slots, B, T, t_out, att.q.device)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
         check_finite("v", v)

@@ -174,7 +174,7 @@ def main() -> int:
         warps = cfg.pop("num_warps")
         compile_kernel(SK._slot_index_kernel, cfg, num_warps=warps)
         count += 1
-    # attention: received from P, the flash-style pair, and P' @ V' from P or from q, k
+    # attention: received from P, the flash-style lse/received and V'[dest] gather, and P' @ V' from P
     from mctf_kernels.triton import configs  # noqa: E402
     for dtype, D in itertools.product(dtypes, (48, 64, 128)):
         compile_kernel(AK._attention_received_kernel, dict(BLOCK_Q=32, BLOCK_K=64), dtype, ("attn_ptr",))
@@ -197,16 +197,15 @@ def main() -> int:
             compile_kernel(FK._gather_values_kernel, dict(HAS_LOG_SIZE=has_log, **cfg), dtype,
                            ("v_ptr", "out_ptr", "bias_ptr"), warps)
             count += 1
-        # P' @ V' from P or (no longer the model's path) from q, k; every option once
-        options = [(True, 1, True)] + ([o for o in itertools.product((False, True), (0, 1, 3), (False, True))
-                                        if o != (True, 1, True)] if (dtype, D) == ("fp16", 64) else [])
-        for from_qk, mode, has_size in options:
-            cfg = configs.attention_output_config(D, D if from_qk else 16, True, dtype == "fp32")
-            consts = dict(MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=from_qk,
-                          QK_PRECISION="ieee", PV_PRECISION="ieee", ACC_DTYPE=tl.float32,
-                          **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_T")})
-            compile_kernel(AK._fused_attention_output_kernel, consts, dtype,
-                           ("q_ptr", "k_ptr", "v_ptr", "out_ptr") + (() if from_qk else ("attn_ptr",)),
+        # P' @ V' from P (training with attention dropout): attention-and-size pooling everywhere,
+        # every option once in fp16 at D = 64
+        options = [(1, True)] + ([o for o in itertools.product((0, 1, 3), (False, True)) if o != (1, True)]
+                                 if (dtype, D) == ("fp16", 64) else [])
+        for mode, has_size in options:
+            cfg = configs.attention_output_config(D, True, dtype == "fp32")
+            consts = dict(MODE=mode, HAS_SIZE=has_size, PV_PRECISION="ieee", ACC_DTYPE=tl.float32,
+                          **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_T")})
+            compile_kernel(AK._fused_attention_output_kernel, consts, dtype, ("attn_ptr", "v_ptr", "out_ptr"),
                            cfg["num_warps"], maxnreg=cfg["maxnreg"])
             count += 1
         count += 1

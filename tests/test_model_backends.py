@@ -84,8 +84,37 @@ def test_model_with_triton_backend_launches_kernels(device, monkeypatch):
     images = torch.randn(1, 3, *model.patch_embed.img_size, device=device)
     run(model, images, "triton")
     fused_layers = len(model.blocks) - 1
-    for op in ("fusion_attention", "match", "merge", "fused_attention_output_qk"):
+    for op in ("fusion_attention", "match", "merge", "fused_attention_output_qk", "slot_index"):
         assert calls.count(op) == fused_layers, op
+
+
+@pytest.mark.parametrize("one_step_ahead", (1, 2))
+def test_reference_model_skips_the_slot_index(device, monkeypatch, one_step_ahead):
+    """The reference ops pool by dest and never read slots=: with the reference backend the
+    model layer computes no slot index (no sort per fused layer), and its results are those
+    of a run that passes one to every op."""
+    import mctf_kernels.ops as ops
+
+    model = build(device, one_step_ahead=one_step_ahead)
+    images = torch.randn(2, 3, *model.patch_embed.img_size, device=device)
+    passed = []
+    real_merge = ops.merge
+    monkeypatch.setattr(ops, "merge", lambda *a, _m=real_merge, **k: passed.append(k.get("slots")) or _m(*a, **k))
+    monkeypatch.setattr("mctf_kernels.merge", ops.merge)
+    ref = run(model, images, "reference")
+    assert passed and all(s is None for s in passed)
+
+    sorted_index = []
+    real_ref = ops.slot_index_reference
+
+    def given(dest, t_out):  # as the model layer did before: one index per layer, handed to the ops
+        sorted_index.append(t_out)
+        return real_ref(dest, t_out)
+    monkeypatch.setattr(ops, "shared_slot_index", given)
+    monkeypatch.setattr("mctf_kernels.shared_slot_index", given)
+    with_index = run(model, images, "reference")
+    assert len(sorted_index) == len(model.blocks) - 1
+    assert with_index[2] == ref[2] and torch.equal(with_index[1], ref[1]) and torch.equal(with_index[0], ref[0])
 
 
 def test_torch_compile_fullgraph_reference():
@@ -128,3 +157,33 @@ def test_cuda_graph_capture_triton():
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), want.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_training_with_attention_dropout_triton_equals_reference(device, monkeypatch):
+    """Attention dropout in training forms P (dropped out by timm's module) and takes the
+    P-form fused_attention_output kernel: logits and gradients as the reference's, the
+    dropout mask being the same under the same seed."""
+    model = build(device).train()
+    for blk in model.blocks:
+        blk.attn.attn_drop.p = 0.25
+    images = torch.randn(2, 3, *model.patch_embed.img_size, device=device)
+    calls = []
+    fn = LAUNCHERS["fused_attention_output"]
+    monkeypatch.setitem(LAUNCHERS, "fused_attention_output", lambda *a, **k: calls.append(1) or fn(*a, **k))
+
+    def step(backend):
+        model.zero_grad()
+        torch.manual_seed(1)
+        with mctf.use_backend(backend):
+            logits = model(images)
+        logits.float().square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref = step("reference")
+    assert not calls
+    got = step("triton")
+    assert len(calls) == len(model.blocks) - 1
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    assert len(got[1]) == len(ref[1])
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()))

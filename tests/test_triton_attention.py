@@ -240,8 +240,9 @@ def _groups_dest(T, groups, device):
 @pytest.mark.parametrize("from_qk", (False, True), ids=("from-P", "from-qk"))
 @pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
 def test_fused_output_nan_rows_and_zero_weights(device, triton_backend, from_qk, gpu):
-    """With the GPU tiles (64 query rows in slot order, a slot crossing the tile boundary
-    and summed in overhang steps): a slot whose weights are all 0 is the unweighted mean
+    """From P with the GPU tiles (64 query rows in slot order, a slot crossing the tile
+    boundary and summed in overhang steps), and from q, k (gather + attention + the row
+    merge, the model's path): a slot whose weights are all 0 is the unweighted mean
     of its members (inside a tile and across a boundary), and a NaN query row reaches only
     its own slot's output row in its own head (not the rest of its tile through the
     0/1 pooling dot), both as in the reference."""

@@ -177,7 +177,7 @@ class MCTFBlock(TimmBlock):
         if cfg.trace_source and source is None:
             source = torch.eye(T, device=x.device, dtype=x.dtype).expand(x.shape[0], T, T)
         old_size = state.size
-        slots = mk.slot_index(dest, t_out)  # once per layer: the merge and the attention output share it
+        slots = mk.shared_slot_index(dest, t_out)  # once per layer: the merge and the attention output share it
         merged = mk.merge(
             x, dest, t_out, old_size, attn_received, mode=cfg.pooling,
             source=source if cfg.trace_source else None, slots=slots, norm=norm,

@@ -39,7 +39,7 @@ class ToMeBlock(TimmBlock):
             source = state.source
             if source is None:
                 source = torch.eye(T, device=x.device, dtype=x.dtype).expand(B, T, T)
-        slots = mk.slot_index(dest, t_out)
+        slots = mk.shared_slot_index(dest, t_out)  # None with the reference, which does not read it
         x, state.size, new_source = mk.merge(x, dest, t_out, state.size, None, mode=0, source=source, slots=slots)
         if cfg.trace_source:
             state.source = new_source

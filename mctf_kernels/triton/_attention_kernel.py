@@ -6,12 +6,12 @@
   flash-style over the queries taken in slot order (the slot index ``order``), so a
   64-row query tile is full and a slot's members are consecutive rows; its epilogue
   pools those rows into their slots. P' is never formed, V'[dest] never gathered into
-  memory. With ``FROM_QK`` no P is read: each tile is exp(s - lse) from q and k.
+  memory. It serves ``fused_attention_output``, where P is formed (training with attention
+  dropout); the model's flash path, ``fused_attention_output_qk``, is gather + torch's
+  fused attention + the merge kernel (``flash_attention.py``).
 """
 import triton
 import triton.language as tl
-
-from ._flash_attention_kernel import key_bias, keys_t, logits_tile, scaled_queries
 
 EPS = tl.constexpr(1e-12)  # floor of the mode-1 size normaliser, as mctf_kernels.merge.EPS
 
@@ -80,15 +80,12 @@ def _pool_weights(tok, valid, b, size_ptr, stride_sb, stride_st, attn_m_ptr, str
 
 @triton.jit
 def _rows_times_values(
-    tok, wn, owned, b, h,
+    tok, wn, owned,
     p_row, stride_aq, stride_ak,
-    q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
-    lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
     v_row, stride_vt, stride_vd, d_row, stride_dt,
-    T, T_out, D, D_QK,
-    FROM_QK: tl.constexpr, HAS_LOG_SIZE: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
+    T, T_out, D,
+    PV_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """(wn * P[tok, :]) @ V'[dest[:]] for BLOCK_M query rows, flash-style over key tiles:
     (BLOCK_M, BLOCK_D) in ACC_DTYPE. P is scaled by the row weights before it is rounded
@@ -96,22 +93,13 @@ def _rows_times_values(
     v_dtype = v_row.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    if FROM_QK:
-        offs_dk = tl.arange(0, BLOCK_DK)
-        qs = scaled_queries(q_row, tok, owned, stride_qt, stride_qd, offs_dk, offs_dk < D_QK, scale)
-        lse = tl.load(lse_ptr + b * stride_eb + h * stride_eh + tok * stride_et, mask=owned, other=0.0)
     o = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     for k0 in range(0, T, BLOCK_N):
         offs_k = k0 + tl.arange(0, BLOCK_N)
         mask_k = offs_k < T
-        if FROM_QK:  # P tile = exp(s - lse); keys past T have s = -inf
-            kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_dk, offs_dk < D_QK)
-            logits = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
-            p = tl.exp(logits - lse[:, None])
-        else:
-            # The reference multiplies attn.to(v.dtype) @ v: round P to V's dtype first.
-            p = tl.load(p_row + tok[:, None] * stride_aq + offs_k[None, :] * stride_ak,
-                        mask=owned[:, None] & mask_k[None, :], other=0.0).to(v_dtype).to(ACC_DTYPE)
+        # The reference multiplies attn.to(v.dtype) @ v: round P to V's dtype first.
+        p = tl.load(p_row + tok[:, None] * stride_aq + offs_k[None, :] * stride_ak,
+                    mask=owned[:, None] & mask_k[None, :], other=0.0).to(v_dtype).to(ACC_DTYPE)
         p = tl.where(owned[:, None], p * wn[:, None], 0.0)
         # Keys whose slot is outside [0, T') contribute nothing (and read nothing).
         kd = tl.load(d_row + offs_k * stride_dt, mask=mask_k, other=-1)
@@ -125,12 +113,7 @@ def _rows_times_values(
 
 @triton.jit
 def _fused_attention_output_kernel(
-    attn_ptr, stride_ab, stride_ah, stride_aq, stride_ak,  # P (B, H, T, T); not read when FROM_QK
-    q_ptr, stride_qb, stride_qh, stride_qt, stride_qd,  # q, k (B, H, T, D_QK): FROM_QK only
-    k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
-    lse_ptr, stride_eb, stride_eh, stride_et,  # (B, H, T) float32 per-query log-sum-exp: FROM_QK only
-    logs_ptr, stride_lb, stride_lt,  # log_size (B, T): FROM_QK with HAS_LOG_SIZE only
-    scale,
+    attn_ptr, stride_ab, stride_ah, stride_aq, stride_ak,  # P (B, H, T, T)
     v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
     dest_ptr, stride_db, stride_dt,
     order_ptr, starts_ptr,  # slot index of dest: contiguous (B, T) and (B, T'+1) int64
@@ -138,18 +121,14 @@ def _fused_attention_output_kernel(
     attn_m_ptr, stride_mb, stride_mt,
     out_ptr, stride_ob, stride_oh, stride_ot,  # out's channel stride is 1
     den_ptr,  # (B, T') float32: slot sums of the pooling weights
-    H, T, T_out, D, D_QK,
+    H, T, T_out, D,
     MODE: tl.constexpr,  # 0 size, 1 attention*size, 3 mean (max does not factor)
     HAS_SIZE: tl.constexpr,
-    FROM_QK: tl.constexpr,  # recompute P tiles from q, k, lse instead of loading P
-    HAS_LOG_SIZE: tl.constexpr,
-    QK_PRECISION: tl.constexpr,  # as PV_PRECISION, for q @ k^T (FROM_QK)
     PV_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 P @ V (as torch's matmul setting)
     ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 V (gradcheck)
     BLOCK_M: tl.constexpr,  # query rows per tile, in slot order
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr,
-    BLOCK_DK: tl.constexpr,  # q, k head dim block (FROM_QK)
     BLOCK_T: tl.constexpr,  # tokens per step of the max-size scan (mode 1 with sizes)
 ):
     # Program (b, h, tile) takes the query rows at positions [row0, row0 + BLOCK_M) of
@@ -214,9 +193,6 @@ def _fused_attention_output_kernel(
 
     p_row = attn_ptr + b * stride_ab + h * stride_ah
     v_row = v_ptr + b * stride_vb + h * stride_vh
-    q_row = q_ptr + b * stride_qb + h * stride_qh
-    k_row = k_ptr + b * stride_kb + h * stride_kh
-    logs_row = logs_ptr + b * stride_lb
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     has_slot = slot_of >= 0
@@ -236,13 +212,10 @@ def _fused_attention_output_kernel(
     unw_m = tl.max(tl.where(of_row, unweighted.to(tl.int32)[:, None], 0), axis=0) > 0
     w = tl.where(unw_m, 1.0, w.to(ACC_DTYPE))
     wn = tl.where(owned, w / tl.where(owned, den_m, 1.0), 0.0)
-    o = _rows_times_values(tok, wn, owned, b, h, p_row, stride_aq, stride_ak,
-                           q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
-                           lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
-                           v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D, D_QK,
-                           FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
-                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
-    # NaN/inf rows (a NaN in P, q, or a weight; or a row overflowing V's dtype) are zeroed
+    o = _rows_times_values(tok, wn, owned, p_row, stride_aq, stride_ak,
+                           v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D,
+                           PV_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_D)
+    # NaN/inf rows (a NaN in P or a weight; or a row overflowing V's dtype) are zeroed
     # before the 0/1 dot, where 0 * NaN would reach every slot of the tile, and their
     # slots are flagged instead: a NaN reaches only its own slot's row, as in the reference.
     o_v = o.to(v_dtype)
@@ -269,12 +242,9 @@ def _fused_attention_output_kernel(
             w = _pool_weights(tok, valid, b, size_ptr, stride_sb, stride_st, attn_m_ptr, stride_mb, stride_mt,
                               smax, MODE, HAS_SIZE)
             wn = tl.where(unw_last, 1.0, w.to(ACC_DTYPE)) / den_last
-            o = _rows_times_values(tok, wn, valid, b, h, p_row, stride_aq, stride_ak,
-                                   q_row, stride_qt, stride_qd, k_row, stride_kt, stride_kd,
-                                   lse_ptr, stride_eb, stride_eh, stride_et, logs_row, stride_lt, scale,
-                                   v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D, D_QK,
-                                   FROM_QK, HAS_LOG_SIZE, QK_PRECISION, PV_PRECISION, ACC_DTYPE,
-                                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+            o = _rows_times_values(tok, wn, valid, p_row, stride_aq, stride_ak,
+                                   v_row, stride_vt, stride_vd, d_row, stride_dt, T, T_out, D,
+                                   PV_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_D)
             row += tl.sum(o.to(v_dtype).to(ACC_DTYPE), axis=0)  # rounded as the tile's rows
         slot_l = tl.max(tl.where(offs_j == last, slot_of, -1), axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + slot_l * stride_ot + offs_d, row.to(out_dtype),

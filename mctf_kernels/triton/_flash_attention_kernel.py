@@ -12,8 +12,8 @@ launch, used when the batch alone fills the GPU), or one program per (batch, hea
 query block) writes partial column sums that the launcher adds in a fixed order.
 
 The helpers ``scaled_queries``, ``keys_t``, ``key_bias`` and ``logits_tile`` are shared
-with ``_fused_attention_output_kernel`` (FROM_QK), so both kernels compute the same
-logits with the same operand rounding.
+with the backward of the output (``_attention_backward_kernel.py``), so both recompute
+the same logits with the same operand rounding.
 """
 import triton
 import triton.language as tl

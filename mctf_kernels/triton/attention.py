@@ -1,9 +1,6 @@
 """Triton launchers of ``attention_received`` and ``fused_attention_output``; their
 eager references are in ``mctf_kernels.attention``.
 
-``launch_fused_output`` also serves the flash-style ``fused_attention_output_qk``
-(``flash_attention.py``), which recomputes P from q and k in the same kernel.
-
 Both ops are ``mctf::`` custom ops (``torch.library.triton_op``) with an eager
 backward, so a fine-tuned model can train through them and torch.compile sees
 the kernels.
@@ -16,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_dest
+from .._checks import check_output_operands, check_slot_index
 from ..attention import attention_received_reference, fused_attention_output_reference  # noqa: F401
 from ..merge import pooling_weights
 from . import configs
@@ -71,13 +68,11 @@ def launch_fused_output(
     attn_received: Optional[torch.Tensor],
     mode: int,
     *,
-    attn: Optional[torch.Tensor] = None,
-    qk: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], float]] = None,
+    attn: torch.Tensor,
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One launch of ``_fused_attention_output_kernel``: P' @ V' (B, H, T', D) and the
-    slot sums of the pooling weights den (B, T'), P read from ``attn`` (B, H, T, T) or
-    recomputed from ``qk = (q, k, lse, log_size, scale)`` (flash-style, FROM_QK).
+    slot sums of the pooling weights den (B, T'), P read from ``attn`` (B, H, T, T).
     ``slots = (order, starts)`` is ``slot_index(dest, t_out)``, computed here when None.
     The output is a (B, H, T', D) view of (B, T', H, D) storage: the layout ``proj`` reads."""
     v = last_dim_unit(v)
@@ -93,29 +88,13 @@ def launch_fused_output(
         has_size = size is not None
         size_arg, ss = (size, size.stride()) if has_size else (den, (0, 0))
         am_arg, sm = (attn_received, attn_received.stride()) if mode == 1 else (den, (0, 0))
+        attn = last_dim_unit(attn)
 
-        from_qk = qk is not None
-        if from_qk:
-            q, k, lse, log_size, scale = qk
-            q, k = last_dim_unit(q), last_dim_unit(k)
-            D_QK = q.shape[-1]
-            attn_arg, sa = den, (0, 0, 0, 0)
-            has_log_size = log_size is not None
-            logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (den, (0, 0))
-            q_args = (q, *q.stride(), k, *k.stride(), lse, *lse.stride(), logs_arg, *sl, float(scale))
-            qk_precision = _pv_precision(q.dtype)
-        else:
-            attn = last_dim_unit(attn)
-            D_QK, has_log_size, qk_precision = 16, False, "ieee"
-            attn_arg, sa = attn, attn.stride()
-            q_args = (den, 0, 0, 0, 0, den, 0, 0, 0, 0, den, 0, 0, 0, den, 0, 0, 1.0)
-
-        cfg = configs.attention_output_config(D, D_QK, configs.gpu_configs(device),
+        cfg = configs.attention_output_config(D, configs.gpu_configs(device),
                                               v.dtype in (torch.float32, torch.float64))
         grid = (B * H, triton.cdiv(T, cfg["BLOCK_M"]))
         wrap(_fused_attention_output_kernel)[grid](
-            attn_arg, *sa,
-            *q_args,
+            attn, *attn.stride(),
             v, *v.stride(),
             dest, *dest.stride(),
             order, starts,
@@ -123,11 +102,10 @@ def launch_fused_output(
             am_arg, sm[0], sm[1],
             out, *out.stride()[:3],
             den,
-            H, T, t_out, D, D_QK,
-            MODE=mode, HAS_SIZE=has_size, FROM_QK=from_qk, HAS_LOG_SIZE=has_log_size,
-            QK_PRECISION=qk_precision, PV_PRECISION=_pv_precision(v.dtype),
+            H, T, t_out, D,
+            MODE=mode, HAS_SIZE=has_size, PV_PRECISION=_pv_precision(v.dtype),
             ACC_DTYPE=tl.float64 if v.dtype == torch.float64 else tl.float32,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DK=cfg["BLOCK_DK"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
             **({} if cfg["maxnreg"] is None else dict(maxnreg=cfg["maxnreg"])),
         )
@@ -209,36 +187,17 @@ fused_op = custom_op("fused_attention_output", _fused_impl, _fused_backward, _fu
 
 
 def check_output_args(op: str, bht, v, dest, t_out, size, attn_received, mode, device) -> None:
-    """Arguments shared by the two P' @ V' launchers (from P, or from q and k)."""
-    B, H, T = bht
-    if v.dim() != 4 or v.shape[:3] != (B, H, t_out):
-        raise ValueError(f"v must have shape (B, H, T', D) = ({B}, {H}, {t_out}, D), got {tuple(v.shape)}")
-    if v.device != device:
-        raise ValueError(f"v is on {v.device} but the attention inputs are on {device}")
-    check_dest(dest, B, T, t_out, device)
+    """What the two P' @ V' launchers (from P, or from q and k) check again after ``ops``:
+    the operands' shapes and devices (the kernels index by them; one shared check, see
+    ``check_output_operands``) and the pooling mode, where a direct call with mode 2 or
+    mode 1 without ``attn_received`` would otherwise give a wrong result, not an error."""
+    check_output_operands(*bht, v, dest, t_out, size, attn_received, device)
     if mode == 2:
         raise ValueError(f"{op} has no kernel for max pooling (mode 2): P' does not factor")
     if mode not in (0, 1, 3):
         raise ValueError(f"pooling mode must be one of (0, 1, 3) here, got {mode!r}")
     if mode == 1 and attn_received is None:
         raise ValueError("mode 1 (attention-and-size pooling) needs attn_received")
-    for name, t in (("size", size), ("attn_received", attn_received)):
-        if t is not None and (tuple(t.shape) != (B, T) or t.device != device):
-            raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {device}")
-
-
-def check_slots(slots, B: int, T: int, t_out: int, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """A precomputed slot index ``(order, starts)``: int32/int64 (B, T) and (B, T'+1) on
-    ``device``. Its values are not checked (a host sync); the kernel clamps every index
-    it reads, so wrong values give wrong numbers, never an access outside a tensor."""
-    if slots is None:
-        return None, None
-    order, starts = slots
-    for name, t, shape in (("order", order, (B, T)), ("starts", starts, (B, t_out + 1))):
-        if (not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape
-                or t.device != device):
-            raise ValueError(f"slots: {name} must be int32/int64 of shape {shape} on {device}")
-    return order, starts
 
 
 def attention_received(attn: torch.Tensor) -> torch.Tensor:
@@ -265,6 +224,6 @@ def fused_attention_output(
         raise ValueError(f"attn must have shape (B, H, T, T), got {tuple(attn.shape)}")
     check_output_args("fused_attention_output", attn.shape[:3], v, dest, t_out, size, attn_received, mode,
                       attn.device)
-    order, starts = check_slots(slots, attn.shape[0], attn.shape[2], t_out, attn.device)
+    order, starts = check_slot_index(slots, attn.shape[0], attn.shape[2], t_out, attn.device)
     out, _den = fused_op(attn, v, dest, t_out, size, attn_received, mode, order, starts)
     return out

@@ -235,25 +235,21 @@ def gather_values_config(T: int, D: int, gpu: bool) -> dict:
     return dict(BLOCK_T=32, BLOCK_D=block_d, num_warps=4)
 
 
-def attention_output_config(D: int, D_QK: int, gpu: bool, wide_dtype: bool = False) -> dict:
-    """``_fused_attention_output_kernel``: query rows per tile (in slot order), keys per
-    step, head-dim blocks, the block of the size-max scan, warps, the register cap
-    (``maxnreg``, None: ptxas's choice). ``wide_dtype``: float32
+def attention_output_config(D: int, gpu: bool, wide_dtype: bool = False) -> dict:
+    """``_fused_attention_output_kernel`` (P read from memory): query rows per tile (in slot
+    order), keys per step, head-dim block, the block of the size-max scan, warps, the
+    register cap (``maxnreg``, None: ptxas's choice). ``wide_dtype``: float32
     or float64 values (FMA dots: 32 x 32 tiles, 182 registers on 8 warps, no spills)."""
     block_d = max(16, triton.next_power_of_2(D))
-    block_dk = max(16, triton.next_power_of_2(D_QK))
     if not gpu:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=1024, num_warps=4,
-                    maxnreg=None)
-    # 8 warps (two warpgroups). Left to itself ptxas takes 184 registers at D = 64 on
-    # sm_90 (the JIT's specialisation, fp16, from q and k): 1 CTA/SM = 12.5% occupancy.
-    # Capped at 128 it fits with no spills and HGMMA kept: 2 CTAs = 25% (4 warps at 128
-    # spill; 96 at 8 warps spills).
-    wide = max(block_d, block_dk) > 64
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_T=1024, num_warps=4, maxnreg=None)
+    # 8 warps (two warpgroups). Left to itself ptxas takes 216 registers at D = 64 on
+    # sm_90 (fp16, attention-and-size pooling): 1 CTA/SM = 12.5% occupancy. Capped at 128,
+    # HGMMA is kept and 2 CTAs fit (25%) for a 4-byte spill (ptxas -v; 96 registers at
+    # 8 warps spills more).
     if wide_dtype:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256, num_warps=8,
-                    maxnreg=None)
-    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DK=block_dk, BLOCK_T=256,
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_T=256, num_warps=8, maxnreg=None)
+    return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 64 else 64, BLOCK_D=block_d, BLOCK_T=256,
                 num_warps=8, maxnreg=128)
 
 

@@ -17,8 +17,8 @@ computed twice for T <= 256 (three times above: the received kernel then loops t
   keys, and the merge kernel pools the query rows into their slots (merge's weights,
   zero-weight and NaN rules) straight into the (B, T', H, D) layout ``proj`` reads.
   The static sm_90 report estimates this at a fraction of the single fused Triton
-  kernel it replaces (bench/NOTES.md, section 3); ``_fused_attention_output_kernel``
-  still serves ``fused_attention_output`` (P formed: training with attention dropout).
+  kernel it replaced (bench/NOTES.md, section 3); ``_fused_attention_output_kernel``
+  serves only ``fused_attention_output`` (P formed: training with attention dropout).
 
 Logits in ``fusion_attention`` are ``(q * scale rounded to q's dtype) @ k^T`` accumulated
 in float32 (tensor cores for half inputs), plus ``log_size`` on each key in float32;
@@ -52,7 +52,8 @@ from ..attention import (  # noqa: F401  (the references beside their launchers)
 from . import configs
 from ._common import custom_op, device_guard, last_dim_unit, wrap
 from ._flash_attention_kernel import _attention_lse_received_kernel, _gather_values_kernel
-from .attention import _pv_precision, check_output_args, check_slots
+from .._checks import check_slot_index
+from .attention import _pv_precision, check_output_args
 from .attention_backward import launch_fused_qk_backward
 from .merge import launch_merge
 from .slots import launch_slot_index
@@ -233,7 +234,7 @@ def fused_attention_output_qk(
     if lse is not None and (tuple(lse.shape) != (B, H, T) or lse.dtype != torch.float32 or lse.device != q.device):
         raise ValueError(f"lse must be float32 of shape (B, H, T) = ({B}, {H}, {T}) on {q.device}")
     detach = (lambda t: None if t is None else t.detach())
-    order, starts = check_slots(slots, B, T, t_out, q.device)
+    order, starts = check_slot_index(slots, B, T, t_out, q.device)
     out, _den = fused_qk_op(q, k, detach(lse), detach(log_size), float(scale), v, dest, t_out,
                             detach(size), detach(attn_received), mode, order, starts)
     return out
