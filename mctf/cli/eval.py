@@ -129,6 +129,28 @@ def init_distributed(device_arg: str = "auto"):
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def start_rank(device, device_arg: str, backend: Optional[str]):
+    """Start this process's rank (``init_distributed``) and place it: ``device`` (None for
+    ``--device auto``) becomes this rank's device (cuda:LOCAL_RANK under torchrun when no
+    index was given), the Triton backend is checked there and ``backend`` set.
+    Returns (device, rank, world_size, local_rank)."""
+    import torch
+
+    import mctf
+
+    rank, world, local_rank = init_distributed(device_arg)
+    if device is None:
+        device = common.resolve_device("auto", local_rank)
+    elif device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device(f"cuda:{local_rank}")
+    common.check_triton_backend(backend, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if backend:
+        mctf.set_backend(backend)
+    return device, rank, world, local_rank
+
+
 def all_reduce(values: List[float], device, world: int) -> List[float]:
     if world <= 1:
         return values
@@ -252,17 +274,8 @@ def run(args, parsed: Dict) -> Tuple[Dict, bool]:
     common.check_supported(args.model, dict(parsed["model_kwargs"], **(
         {"num_classes": args.num_classes} if args.num_classes is not None else {})),
         lambda depth: common.build_config(args, depth))
-    rank, world, local_rank = init_distributed(args.device)
+    device, rank, world, local_rank = start_rank(device, args.device, parsed["backend"])
     main_rank = rank == 0
-    if device is None:
-        device = common.resolve_device("auto", local_rank)
-    elif device.type == "cuda" and device.index is None and world > 1:
-        device = torch.device(f"cuda:{local_rank}")
-    common.check_triton_backend(parsed["backend"], device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.backend:
-        mctf.set_backend(args.backend)
 
     torch.manual_seed(args.seed)
     model = common.create_model(args.model, parsed["model_kwargs"], args.num_classes, args.pretrained,

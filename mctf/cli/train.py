@@ -713,7 +713,7 @@ def setup(args, parsed: Dict) -> Dict:
     from timm.utils import ModelEmaV3, NativeScaler
 
     import mctf
-    from mctf.cli.eval import build_dataset, init_distributed, shard_sampler
+    from mctf.cli.eval import build_dataset, shard_sampler, start_rank
 
     num_classes = args.num_classes if args.num_classes is not None else len(parsed["classes"])
     if num_classes < len(parsed["classes"]):
@@ -722,16 +722,7 @@ def setup(args, parsed: Dict) -> Dict:
                   drop_path_rate=args.drop_path)
     device = common.resolve_device(args.device) if args.device != "auto" else None
     common.check_supported(args.model, kwargs, lambda depth: build_config(args, parsed, depth))
-    rank, world, local_rank = init_distributed(args.device)
-    if device is None:
-        device = common.resolve_device("auto", local_rank)
-    elif device.type == "cuda" and device.index is None and world > 1:
-        device = torch.device(f"cuda:{local_rank}")
-    common.check_triton_backend(parsed["backend"], device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if parsed["backend"]:
-        mctf.set_backend(parsed["backend"])
+    device, rank, world, local_rank = start_rank(device, args.device, parsed["backend"])
 
     torch.manual_seed(args.seed)  # the same random init on every rank
     try:
