@@ -176,6 +176,10 @@ def test_forward_intermediates():
         assert grid[0].shape == (2, 32, 8, 8)
         with pytest.raises(ValueError, match="output_fmt='NLC'"):
             model.forward_intermediates(x, indices=[0, 2])
+    # ToMe merges from block 0 on: no grid after it, and the error names both methods
+    mctf.patch.timm(model, mctf.ToMeConfig(r=4))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\(MCTF or ToMe\) has merged tokens by blocks \[0\]"):
+        model.forward_intermediates(x, indices=[0])
 
 
 @pytest.mark.parametrize("family", ["deit", "deit_distilled"])

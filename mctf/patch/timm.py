@@ -282,7 +282,8 @@ class MCTFModel:
         fused = [i for i in take if planned[i] != tokens]
         if fused:
             raise ValueError(
-                f"output_fmt='NCHW' needs an H x W token grid, but MCTF has fused tokens by blocks {fused}; "
+                f"output_fmt='NCHW' needs an H x W token grid, but token fusion (MCTF or ToMe) has merged tokens "
+                f"by blocks {fused}; "
                 f"use output_fmt='NLC' (tokens in order, sizes in model.mctf_state) or earlier indices"
             )
 
