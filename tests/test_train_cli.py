@@ -199,12 +199,15 @@ def test_triton_backend_gradients_match_reference(device):
         losses[0].backward()
         grads[backend] = (torch.stack([t.detach() for t in losses]),
                           {n: p.grad.clone() for n, p in model.named_parameters()})
-    # CPU: fp32 everywhere (measured: losses within 5e-9, gradients within 5.1e-6 absolute, the
-    # fused ops summing in another order); CUDA: the kernels' dots may run in TF32
-    # (not yet run on a GPU: the CUDA tolerance is a bound to confirm, not a measurement)
-    rtol, atol = (1e-4, 1e-6) if device == "cpu" else (2e-2, 1e-3)
-    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], rtol=rtol, atol=atol)
+    # CPU: fp32 everywhere (measured: losses within 6e-9; gradients within 6.3e-6 absolute where a
+    # tensor's largest gradient is ~1.9, i.e. ~3e-6 of its scale: the Triton backwards and torch's
+    # attention sum in other orders than the reference, so a near-zero element of a large-gradient
+    # tensor is compared at that tensor's scale); CUDA: the kernels' dots may run in TF32 (not yet
+    # run on a GPU: the CUDA tolerance is a bound to confirm, not a measurement)
+    rtol, scaled_atol = (1e-4, 1e-5) if device == "cpu" else (2e-2, 1e-3)
+    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], rtol=rtol, atol=1e-6)
     for name, g in grads["reference"][1].items():
+        atol = scaled_atol * max(g.abs().max().item(), 0.1)
         torch.testing.assert_close(grads["triton"][1][name], g, rtol=rtol, atol=atol, msg=name)
 
 
