@@ -26,24 +26,7 @@ import triton
 import triton.language as tl
 
 from ._flash_attention_kernel import key_bias, keys_t, logits_tile, scaled_queries
-from ._merge_kernel import _size_and_weight
-
-EPS = tl.constexpr(1e-12)  # floor of the mode-1 size normaliser, as mctf_kernels.merge.EPS
-
-
-@triton.jit
-def _row_size_max(size_row, stride_st, T, MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The row's largest size for mode 1's weights, as the forward: NaN skipped, floored."""
-    smax = 1.0
-    if MODE == 1 and HAS_SIZE:
-        run = tl.full([BLOCK_R], EPS, tl.float32)
-        for r0 in range(0, T, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            sv = tl.load(size_row + offs_r * stride_st, mask=offs_r < T, other=EPS).to(tl.float32)
-            run = tl.where(sv > run, sv, run)
-        smax = tl.max(run, axis=0)
-    return smax
-
+from ._merge_kernel import _row_size_max, _size_and_weight
 
 @triton.jit
 def _query_grad(offs_m, mask_m, b, h, smax,

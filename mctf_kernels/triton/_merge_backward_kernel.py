@@ -16,9 +16,7 @@ once, no atomics, no zero fill.
 import triton
 import triton.language as tl
 
-from ._merge_kernel import _size_and_weight
-
-EPS = tl.constexpr(1e-12)  # floor of the mode-1 size normaliser, as mctf_kernels.merge.EPS
+from ._merge_kernel import _row_size_max, _size_and_weight
 
 
 @triton.jit
@@ -86,15 +84,7 @@ def _merge_backward_kernel(
             tl.store(gx_row + offs_c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=(offs_t < T)[:, None]
                      & (offs_c[None, :] < C))
     else:
-        smax = 1.0
-        if MODE == 1 and HAS_SIZE:  # the row's largest size, as the forward (NaN skipped, floored)
-            run = tl.full([BLOCK_R], EPS, tl.float32)
-            for r0 in range(0, T, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                sv = tl.load(size_ptr + b * stride_sb + offs_r * stride_st, mask=offs_r < T, other=EPS)
-                sv = sv.to(tl.float32)
-                run = tl.where(sv > run, sv, run)
-            smax = tl.max(run, axis=0)
+        smax = _row_size_max(size_ptr + b * stride_sb, stride_st, T, MODE, HAS_SIZE, BLOCK_R)
         _s, w = _size_and_weight(size_ptr + b * stride_sb, stride_st, attn_ptr + b * stride_ab, stride_at,
                                  offs_t, valid, smax, MODE, HAS_SIZE)
         den = tl.load(den_ptr + b * T_out + d, mask=valid, other=1.0)

@@ -15,6 +15,22 @@ EPS = tl.constexpr(1e-12)  # floor of the mode-1 size normaliser, as mctf_kernel
 
 
 @triton.jit
+def _row_size_max(size_row, stride_st, T, MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The row's largest size for mode 1's weights (``pooling_weights``' max; 1.0 otherwise), for
+    the merge and both backwards alike. Floored at EPS (all-zero sizes do not give 0/0); NaN is
+    skipped (it would take every weight of the row to NaN, not just its slot's)."""
+    smax = 1.0
+    if MODE == 1 and HAS_SIZE:
+        run = tl.full([BLOCK_R], EPS, tl.float32)
+        for r0 in range(0, T, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            sv = tl.load(size_row + offs_r * stride_st, mask=offs_r < T, other=EPS).to(tl.float32)
+            run = tl.where(sv > run, sv, run)
+        smax = tl.max(run, axis=0)
+    return smax
+
+
+@triton.jit
 def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
                      MODE: tl.constexpr, HAS_SIZE: tl.constexpr):
     """Size s and pooling weight w of tokens t (0 where not valid), as pooling_weights."""
@@ -80,15 +96,7 @@ def _merge_kernel(
     size_row = size_ptr + b * stride_sb
     attn_row = attn_ptr + b * stride_ab
 
-    smax = 1.0
-    if MODE == 1 and HAS_SIZE:  # the row's largest size (pooling_weights' max), folded in
-        run = tl.full([BLOCK_T], EPS, tl.float32)  # floored: all-zero sizes do not give 0/0
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            sv = tl.load(size_row + offs_t * stride_st, mask=offs_t < T, other=EPS).to(tl.float32)
-            # NaN is skipped (it would take every weight of the row to NaN, not just its slot's)
-            run = tl.where(sv > run, sv, run)
-        smax = tl.max(run, axis=0)
+    smax = _row_size_max(size_row, stride_st, T, MODE, HAS_SIZE, BLOCK_T)  # pooling_weights' max, folded in
 
     # Per-slot sums of sizes and pooling weights (same expressions as pooling_weights).
     s_sum = tl.zeros([BLOCK_S], tl.float32)
