@@ -591,6 +591,22 @@ def compile_launch(launch: dict) -> dict:
 
 # --------------------------------------------------------------------------- TTIR analysis
 _DEF = re.compile(r"^\s*(%[\w#:]+(?:,\s*%[\w#:]+)*)\s*=\s*([\w.]+)(.*)$")
+# Ops that only name, reshape or broadcast values (usually no SASS of their own): no work
+_LAYOUT_OPS = frozenset({"tt.reshape", "tt.broadcast", "tt.expand_dims", "tt.splat", "tt.trans", "tt.make_range",
+                         "arith.constant", "ttg.convert_layout", "tt.join", "tt.split", "arith.bitcast"})
+_TENSOR = re.compile(r"tensor<((?:\d+x)+)")
+
+
+def _op_work(op: str, line: str, num_threads: int) -> int:
+    """Instructions per thread one TTIR op costs, roughly: its largest tensor's elements per
+    thread (at least 1), 0 for layout-only ops."""
+    if op in _LAYOUT_OPS:
+        return 0
+    numel = max((math.prod(int(d) for d in dims.rstrip("x").split("x")) for dims in _TENSOR.findall(line)),
+                default=1)
+    return max(1, -(-numel // num_threads))
+
+
 _FOR = re.compile(r"scf\.for\s+%\w+\s*=\s*(%[\w#]+)\s+to\s+(%[\w#]+)\s+step\s+(%[\w#]+)")
 
 
@@ -605,11 +621,14 @@ _INT_OPS = {
 }
 
 
-def analyse_ttir(ttir: str, arg_values: dict) -> dict:
+def analyse_ttir(ttir: str, arg_values: dict, num_warps: int = 4) -> dict:
     """From the kernel's TTIR: which pointer arguments it loads from / stores to (by
     name), and the ratio of dynamic to static op count (loops weighted by their trip
     counts, evaluated from constants and the launch's integer arguments; a trip count
-    that cannot be evaluated counts once and is reported)."""
+    that cannot be evaluated counts once and is reported). Each op counts by the elements
+    of its largest tensor per thread (a scalar: 1; layout-only ops: 0), so that straight-line
+    code on small tensors (e.g. a sort of one value per token) does not dilute the loops' weight."""
+    num_threads = 32 * max(1, num_warps)
     lines = [ln.split(" loc(")[0] for ln in ttir.splitlines()
              if ln.strip() and not ln.lstrip().startswith(("#", "//"))]
     func = next((ln for ln in ttir.splitlines() if "tt.func" in ln), "")
@@ -634,6 +653,10 @@ def analyse_ttir(ttir: str, arg_values: dict) -> dict:
     for ln in lines:
         s = ln.strip()
         if s.startswith("}"):
+            if s.startswith("})"):  # the end of a reduce/scan: its combine runs over the operand
+                work = _op_work("tt.reduce", s, num_threads)
+                static_ops += work
+                dyn_ops += depth_trips[-1] * work
             if len(depth_trips) > 1:
                 depth_trips.pop()
             if s.endswith("{"):  # "} else {"
@@ -680,8 +703,9 @@ def analyse_ttir(ttir: str, arg_values: dict) -> dict:
         elif s.startswith("tt.store") and srcs:
             writes |= roots.get(srcs[0], set())
         if not s.startswith(("tt.func", "module", "scf.yield", "tt.return")):
-            static_ops += 1
-            dyn_ops += depth_trips[-1]
+            work = _op_work(m.group(2) if m else s.split(" ", 1)[0], s, num_threads)
+            static_ops += work
+            dyn_ops += depth_trips[-1] * work
         if s.endswith("{") and not s.startswith(("tt.func", "module")):
             depth_trips.append(depth_trips[-1])
     return dict(read_args=sorted(r[1:] for r in reads if r in fargs),
@@ -758,7 +782,7 @@ def analyse(cap: dict, hw: dict = H100) -> dict:
             L = ev.launch
             facts = compile_launch(L)
             vals = {k: v.get("value") for k, v in L["args"].items()}
-            info = analyse_ttir(facts["ttir"], vals)
+            info = analyse_ttir(facts["ttir"], vals, L["options"].num_warps)
             ptrs = {k for k, t in L["signature"].items() if str(t).startswith("*")}
             touched = [a for a in set(info["read_args"]) | set(info["write_args"]) if a in ptrs and a in L["args"]]
             nbytes = sum(L["args"][a]["nbytes"] for a in touched)

@@ -116,7 +116,7 @@ def markdown(r: dict) -> str:
     out += [
         "",
         "`*`: a loop whose trip count depends on data counts once (the estimate is a lower bound). "
-        "SASS static = instructions in the cubin; est. SASS/program weights loop bodies by their trip counts.",
+        "SASS static = instructions in the cubin; est. SASS/program weights loop bodies by their trip counts and each op by its elements per thread.",
         "",
         "## Per block (GPU kernels and estimated time, us)",
         "",

@@ -182,5 +182,17 @@ def test_ttir_reads_writes_and_loop_weights():
     info = sm90.analyse_ttir(ttir, {"C": 384})
     assert info["read_args"] == ["x_ptr"] and info["write_args"] == ["o_ptr"]
     assert info["unknown_trip_loops"] == 0
-    # 5 ops outside the loop (constants, splats, store; the for itself is not counted), 2 inside run 384 / 32 times
-    assert info["dyn_over_static"] == pytest.approx((5 + 2 * 12) / 7)
+    # outside the loop only the store works (constants and splats are layout-only; the for itself is
+    # not counted); the 2 ops inside run 384 / 32 times; 32 elements over 4 warps: 1 a thread each
+    assert info["dyn_over_static"] == pytest.approx((1 + 2 * 12) / 3)
+
+
+def test_ttir_op_work_counts_elements_per_thread():
+    """An op costs its largest tensor's elements per thread: a loop over 64 x 256 tiles is not
+    diluted by straight-line ops on one value per token (e.g. a sort)."""
+    big = "%s = arith.addf %a, %b : tensor<64x256xf32> loc(#loc1)"
+    small = "%t = arith.addi %c, %d : tensor<256xi32> loc(#loc1)"
+    assert sm90._op_work("arith.addf", big, 512) == 32
+    assert sm90._op_work("arith.addi", small, 512) == 1
+    assert sm90._op_work("arith.addi", "%i = arith.addi %j, %k : i32", 512) == 1
+    assert sm90._op_work("tt.broadcast", big, 512) == 0
