@@ -99,9 +99,6 @@ def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool,
         num_stages=stages,
     )
     cfg["BLOCK_R"] = cfg["BLOCK_J"]
-    # the fused kernel's slot index (return_slots): BLOCK_I tokens against BLOCK_J-wide
-    # tiles of the map; 64 x 32 is 4 compares per thread at 16 warps
-    cfg["BLOCK_I"] = max(16, min(64 if gpu else 256, p2(T)))
     return cfg
 
 

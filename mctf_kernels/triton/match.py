@@ -120,7 +120,7 @@ def _match_launch(
                     sxb, sxt, sxc, sab, sat, ssb, sst, *taus, **numerics,
                     BIDIR=bool(bidirectional), REMAP=num_protected > 1, **blocks,
                     BLOCK_M=min(cfg["BLOCK_M"], blocks["BLOCK_A"]), BLOCK_J=cfg["BLOCK_J"],
-                    BLOCK_P=block_p, WITH_SLOTS=bool(with_slots), BLOCK_I=cfg["BLOCK_I"], **warps)
+                    BLOCK_P=block_p, WITH_SLOTS=bool(with_slots), **warps)
             return dest, order, starts
         stats = torch.empty(B, 3, T, device=dev, dtype=torch.float32)
         node_max = torch.empty(B, t1, device=dev, dtype=torch.float32)
