@@ -86,7 +86,7 @@ def _match_launch(
     # pow: libdevice powf (torch's own) on the exact fp32 path, MUFU log2/exp2 on the
     # half path, float64 under the interpreter (no libdevice there)
     use_libdevice = 0 if dev.type != "cuda" or interpreter_enabled() else (1 if half else 2)
-    warps = {k: cfg[k] for k in ("num_warps", "num_stages") if cfg[k] is not None}
+    warps = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if cfg.get(k) is not None}
     numerics = dict(SIM_MODE=sim_mode, INFO_MODE=info_mode, SIZE_MODE=size_mode,
                     HAS_PROT=num_protected > 0, USE_LIBDEVICE=use_libdevice,
                     HALF=half, DOT_DTYPE=_DOT_DTYPES[dot_dtype])
