@@ -7,7 +7,8 @@ Two designs, chosen by the launcher (``match.py``) from T:
   program per image. Token stats, the (t1, t2) scores (each computed once, BLOCK_M
   rows at a time (32 or 64 on a GPU, ``configs.match_configs``), and kept in a per-image fp32 scratch that stays in L2 for the column
   pass: the whole 128 x 128 tile in registers spills), row max/argmax, the rank of
-  A, the column max over unmerged A, the rank of B and the slot map. Vectors that must be read in another order than they are
+  A, the column max over unmerged A, the rank of B and the slot map, and on request
+  (WITH_SLOTS) the map's slot index. Vectors that must be read in another order than they are
   held (keys to rank, raw slots to gather) go through O(T) global scratch written
   and read back by the same program across ``tl.debug_barrier()``.
 - the tiled path for larger T (4-5 launches): ``_token_stats_kernel``,
