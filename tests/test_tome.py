@@ -162,7 +162,7 @@ def test_layer_scale_and_metric_are_timm_s():
     finally:
         tome_module.mk.match = orig
     torch.testing.assert_close(seen["metric"], keys)
-    assert seen["kw"] == dict(num_protected=1, bidirectional=False, score="cosine")
+    assert seen["kw"] == dict(num_protected=1, bidirectional=False, score="cosine", return_slots=True)
 
 
 def test_distilled_keeps_both_prefix_tokens():
