@@ -560,10 +560,11 @@ def _no_slot_index_launch(monkeypatch):
 
 
 # (T, bidirectional, num_protected, score): T = 197 (DeiT-S, 64-row blocks), 256 (the largest
-# single launch: 128-wide halves, a full 256-key sort), 21 (4 warps), 117 (8 warps at B > SMs)
+# single launch: 128-wide halves, a full 256-key sort), 21 (4 warps), 117 (64-wide halves),
+# 53 (8 warps and 32-row blocks: more images than SMs)
 SLOTS = [(197, True, 1, "mctf"), (197, False, 0, "mctf"), (197, True, 2, "mctf"), (256, True, 1, "mctf"),
          (256, False, 3, "cosine"), (21, True, 1, "mctf"), (21, False, 2, "cosine"), (117, True, 1, "mctf"),
-         (197, False, 1, "cosine")]
+         (53, True, 2, "mctf"), (197, False, 1, "cosine")]
 
 
 @pytest.mark.parametrize("T,bidirectional,num_protected,score", SLOTS)
@@ -572,7 +573,7 @@ def test_matcher_slot_index(device, monkeypatch, T, bidirectional, num_protected
     launch configurations and the interpreter's, at several r: random tokens against the
     reference map, quantised tokens (many slots hit by several sources, exact ties)."""
     _no_slot_index_launch(monkeypatch)
-    monkeypatch.setattr(triton_match, "sm_count", lambda device: 1)  # B = 2 > SMs: the 8-warp branch where it applies
+    seen = _record_configs(monkeypatch, 1)  # B = 2 > SMs: the many-images branch where it applies
     x, a, s = _inputs(device, 2, T, 64)
     if score == "cosine":
         a = s = None
@@ -588,6 +589,8 @@ def test_matcher_slot_index(device, monkeypatch, T, bidirectional, num_protected
     _check_slots(x, limit // 2 or 1, a, s, **kw)  # the interpreter's blocks (one sort of every token)
     calls = len({1, limit // 3 or 1, limit}) + 2
     assert triton_match.launch_count - before == 2 * calls  # with and without slots: one launch each
+    warps = {c["num_warps"] for c in seen[:-2]}  # the GPU configurations
+    assert warps == {4 if T <= 32 else 8 if T == 53 else 16}, warps
 
 
 def test_matcher_slot_index_half_precision(device, monkeypatch):
