@@ -9,7 +9,7 @@ so they run only with ``validate=True`` or ``MCTF_VALIDATE=1`` (docs/algorithm.m
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -79,9 +79,16 @@ def match(
     bidirectional: bool = True,
     score: str = "mctf",
     validate: Optional[bool] = None,
-) -> torch.Tensor:
+    return_slots: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[SlotIndex]]]:
     """Multi-criteria score + bipartite matching. Returns the slot map ``dest`` (B, T)
     int64; the fused output has ``T - r`` tokens (``r`` as from ``tokens_to_remove``).
+
+    ``return_slots=True``: returns ``(dest, slots)``, ``slots`` being what
+    ``shared_slot_index(dest, T - r)`` gives, to pass as ``slots=`` to ``merge`` and the
+    attention outputs: None where the slot index would run as the reference (the
+    references pool by ``dest``); on the Triton path the matcher writes it in its own
+    launch for T <= 256, so a fused layer launches no slot-index kernel.
 
     ``score="cosine"`` scores pairs by the raw cosine of ``x`` alone (Token Merging's
     score; ``x`` is then its metric, e.g. the keys averaged over heads): the
@@ -114,7 +121,10 @@ def match(
     launcher = dispatch.select(
         "match", x.device, _reasons(limit, _interpreter_bf16_reason(x.device, (x, attn_received, size))))
     if launcher is None or B == 0:  # no image: the reference's empty map, on every backend
-        return match_reference(x, r, attn_received, size, **kwargs)
+        dest = match_reference(x, r, attn_received, size, **kwargs)
+        return (dest, shared_slot_index(dest, T - r)) if return_slots else dest
+    if return_slots:
+        return launcher(x, r, attn_received, size, **kwargs, return_slots=True)
     return launcher(x, r, attn_received, size, **kwargs)
 
 

@@ -7,7 +7,9 @@ slot o's members are ``order[b, starts[b, o]:starts[b, o + 1]]``, ``starts``
 after every slot's members (``order[b, starts[b, T']:]``, ascending).
 
 The merge and the one-step-ahead attention output both walk slots by this index;
-a fused layer computes it once (``mctf_kernels.slot_index``) and passes it to both.
+a fused layer takes it from the matcher (``match(..., return_slots=True)``, written in
+the matcher's own launch on the Triton path) and passes it to both. ``slot_index``
+computes it for any map.
 """
 from __future__ import annotations
 

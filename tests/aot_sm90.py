@@ -111,7 +111,7 @@ def main() -> int:
         t1, t2 = (T + 1) // 2, T // 2
         half = dtype != "fp32"
         cfg = match_configs(True, t1, t2, C, T, half, B)
-        launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
         dot = dict(HALF=half, DOT_DTYPE={"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[dtype])
         # the preset's pow paths everywhere; the others (and no prefix token) once, in fp16 at DeiT-S
         variants = [(pow_modes[0], True)] + ([(m, p) for m in pow_modes for p in (False, True)][1:]
@@ -120,11 +120,14 @@ def main() -> int:
         variants += [(tome_modes, True)] + ([(tome_modes, False)] if (T, dtype) == (197, "fp16") else [])
         if cfg["fused"]:
             for (sim, info, size), prot in variants:
-                for bidir, remap in ((True, False), (False, False), (True, True)):
+                # the model's call writes the slot index too (WITH_SLOTS); match() alone does not
+                for bidir, remap, slots in ((True, False, True), (False, False, True), (True, True, True),
+                                            (True, False, False)):
                     compile_kernel(MK._match_fused_kernel, dict(
                         SIM_MODE=sim, INFO_MODE=info, SIZE_MODE=size, HAS_PROT=prot, BIDIR=bidir, REMAP=remap and prot,
                         USE_LIBDEVICE=1 if half else 2, **dot, BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_M=cfg["BLOCK_M"],
-                        BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], BLOCK_P=16), dtype, ("x_ptr",), **launch)
+                        BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], BLOCK_P=16, WITH_SLOTS=slots),
+                        dtype, ("x_ptr",), **launch)
                     count += 1
             continue
         compile_kernel(MK._token_stats_kernel, dict(HAS_INFO=True, HAS_SIZE=True, BLOCK_T=cfg["BLOCK_A"],

@@ -31,8 +31,9 @@ MAX_KERNELS_PER_FUSED_LAYER = 14  # Triton launches + kernel-launching torch ops
 # What the kernels reach today (the target above is still missed): a regression ceiling. v3
 # trades kernels for time: P' @ V' as gather + torch's fused attention + row merge (+2; the
 # report's estimate: about a third of the one Triton kernel it replaces), while norm1 of
-# the fused tokens moves into the merge kernel (-1; under autocast also its cast: -2).
-KERNELS_PER_FUSED_LAYER_NOW = {"deit_s-fp16": 18, "deit_s-autocast": 20}
+# the fused tokens moves into the merge kernel (-1; under autocast also its cast: -2), and the
+# matcher writes the slot index (-1).
+KERNELS_PER_FUSED_LAYER_NOW = {"deit_s-fp16": 17, "deit_s-autocast": 19}
 
 
 def _xfail(reason):

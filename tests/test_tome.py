@@ -162,7 +162,7 @@ def test_layer_scale_and_metric_are_timm_s():
     finally:
         tome_module.mk.match = orig
     torch.testing.assert_close(seen["metric"], keys)
-    assert seen["kw"] == dict(num_protected=1, bidirectional=False, score="cosine")
+    assert seen["kw"] == dict(num_protected=1, bidirectional=False, score="cosine", return_slots=True)
 
 
 def test_distilled_keeps_both_prefix_tokens():
@@ -278,7 +278,7 @@ def test_cuda_half_compile_and_graph_capture():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["registers", "layer_scale", "qk_norm", "avg_pool"])
 def test_triton_equals_reference_on_families(family, monkeypatch):
-    """Every merging block launches one match, one slot index and one merge kernel; the
+    """Every merging block launches one match (which also gives the slot index) and one merge kernel; the
     kernels give the reference's token counts, sizes and sources exactly and its logits to
     float32 rounding (the interpreter on CPU)."""
     from mctf_kernels.triton import LAUNCHERS
@@ -297,7 +297,7 @@ def test_triton_equals_reference_on_families(family, monkeypatch):
         got = model(x)
     state = model.mctf_state
     merging = sum(1 for r in state.schedule if r > 0)
-    assert merging == 3 and sorted(calls) == sorted(["match", "slot_index", "merge"] * merging)
+    assert merging == 3 and sorted(calls) == sorted(["match", "merge"] * merging)
     T = model.patch_embed.num_patches + model.num_prefix_tokens
     assert state.tokens_per_block == ref_tokens == state.planned_tokens(T)
     assert T - ref_tokens[-1] == 20 + 13 + 6

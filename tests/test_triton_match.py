@@ -535,3 +535,115 @@ def test_cosine_half_precision(device):
                 _assert_near_optimal(dest, s64, r, eps)
             differing += int((got != want).sum())
     assert differing <= 0.02 * 2 * (2 * 197 + 577)
+
+
+# ---------------------------------------------------------------- the slot index from the matcher
+def _check_slots(x, r, a=None, s=None, **kw):
+    """``match(..., return_slots=True)``: the map is ``match``'s, and its slot index equals
+    ``slot_index_reference`` of that map exactly (integers: order and starts)."""
+    dest, slots = mctf_kernels.match(x, r, a, s, **kw, return_slots=True)
+    assert torch.equal(dest, mctf_kernels.match(x, r, a, s, **kw))
+    T = x.shape[1]
+    want = mctf_kernels.slot_index_reference(dest, T - r)
+    assert isinstance(slots, mctf_kernels.SlotIndex)
+    assert slots.order.dtype == slots.starts.dtype == torch.int64
+    assert slots.order.shape == (x.shape[0], T) and slots.starts.shape == (x.shape[0], T - r + 1)
+    assert torch.equal(slots.order, want.order), (slots.order, want.order)
+    assert torch.equal(slots.starts, want.starts), (slots.starts, want.starts)
+    return dest, slots
+
+
+def _no_slot_index_launch(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the single-launch matcher must not launch the slot-index kernel")
+    monkeypatch.setattr(triton_match, "launch_slot_index", refuse)
+
+
+# (T, bidirectional, num_protected, score): T = 197 (DeiT-S, 64-row blocks), 256 (the largest
+# single launch: 128-wide halves, a full 256-key sort), 21 (4 warps), 117 (64-wide halves),
+# 53 (8 warps and 32-row blocks: more images than SMs)
+SLOTS = [(197, True, 1, "mctf"), (197, False, 0, "mctf"), (197, True, 2, "mctf"), (256, True, 1, "mctf"),
+         (256, False, 3, "cosine"), (21, True, 1, "mctf"), (21, False, 2, "cosine"), (117, True, 1, "mctf"),
+         (53, True, 2, "mctf"), (197, False, 1, "cosine")]
+
+
+@pytest.mark.parametrize("T,bidirectional,num_protected,score", SLOTS)
+def test_matcher_slot_index(device, monkeypatch, T, bidirectional, num_protected, score):
+    """The single launch writes the slot index itself (no slot-index kernel), with the GPU
+    launch configurations and the interpreter's, at several r: random tokens against the
+    reference map, quantised tokens (many slots hit by several sources, exact ties)."""
+    _no_slot_index_launch(monkeypatch)
+    seen = _record_configs(monkeypatch, 1)  # B = 2 > SMs: the many-images branch where it applies
+    x, a, s = _inputs(device, 2, T, 64)
+    if score == "cosine":
+        a = s = None
+    kw = dict(num_protected=num_protected, bidirectional=bidirectional, score=score)
+    limit = (T - num_protected) // 2
+    before = triton_match.launch_count
+    with force_gpu_configs():
+        for r in sorted({1, limit // 3 or 1, limit}):
+            dest, _ = _check_slots(x, r, a, s, **kw)
+            assert torch.equal(dest, match_reference(x, r, a, s, **kw))
+        x_t = _tie_tokens(device, 2, T, 64)
+        _check_slots(x_t, limit, None if score == "cosine" else a, None, **kw)
+    _check_slots(x, limit // 2 or 1, a, s, **kw)  # the interpreter's blocks (one sort of every token)
+    calls = len({1, limit // 3 or 1, limit}) + 2
+    assert triton_match.launch_count - before == 2 * calls  # with and without slots: one launch each
+    warps = {c["num_warps"] for c in seen[:-2]}  # the GPU configurations
+    assert warps == {4 if T <= 32 else 8 if T == 53 else 16}, warps
+
+
+def test_matcher_slot_index_half_precision(device, monkeypatch):
+    """fp16 (tensor-core similarity): the index is that of the kernel's own map."""
+    _no_slot_index_launch(monkeypatch)
+    x, a, s = _inputs(device, 2, 197, 64, dtype=torch.float16)
+    with force_gpu_configs():
+        _check_slots(x, 64, a, s)
+    with torch.autocast(device_type=x.device.type, dtype=torch.float16):
+        _check_slots(x.float(), 98, a, s, bidirectional=False)
+
+
+def test_tiled_path_slot_index(device, monkeypatch):
+    """T > 256 takes the tiled matcher, which never holds a whole map: the launcher adds one
+    slot-index launch, and the index is still exact."""
+    launched = []
+    real = triton_match.launch_slot_index
+    monkeypatch.setattr(triton_match, "launch_slot_index", lambda *a: launched.append(a[1]) or real(*a))
+    x, a, s = _inputs(device, 1, 577, 64)
+    with force_gpu_configs():
+        _check_slots(x, 200, a, s)
+    _check_slots(x, 96, num_protected=2, bidirectional=False, score="cosine")
+    assert launched == [577 - 200, 577 - 96]
+
+
+def test_slot_index_edge_cases(device):
+    """r = 0: every token its own slot, no launch; no image: empty index; the reference
+    backend returns None (the references pool by dest), as shared_slot_index does."""
+    x, a, s = _inputs(device, 2, 37, 32)
+    before = triton_match.launch_count
+    dest, slots = _check_slots(x, 0, a, s)
+    assert triton_match.launch_count == before
+    assert torch.equal(slots.order, torch.arange(37, device=device).expand(2, 37))
+    dest, slots = mctf_kernels.match(x[:0], 5, a[:0], s[:0], return_slots=True)
+    assert dest.shape == slots.order.shape == (0, 37) and slots.starts.shape == (0, 33)
+    with mctf_kernels.use_backend("reference"):
+        dest, slots = mctf_kernels.match(x, 5, a, s, return_slots=True)
+    assert slots is None and torch.equal(dest, match_reference(x, 5, a, s))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="torch.compile of Triton kernels needs CUDA")
+def test_torch_compile_match_slots(device):
+    """``mctf::match_slots`` (map and index in one op) traces without graph breaks, and the
+    ``mctf::match`` schema is unchanged."""
+    x, a, s = _inputs(device, 2, 197, 192)
+
+    def f(x, a, s):
+        with torch.autocast("cuda", dtype=torch.float16):
+            return mctf_kernels.match(x, 32, a, s, return_slots=True)
+
+    with mctf_kernels.use_backend("triton"):
+        dest, slots = torch.compile(f, fullgraph=True)(x, a, s)
+        want = f(x, a, s)
+    assert torch.equal(dest, want[0]) and torch.equal(slots.order, want[1].order)
+    assert torch.equal(slots.starts, want[1].starts)
+    assert torch.equal(torch.ops.mctf.match(x, 32, a, s, 1.0, 20.0, 40.0, 1, True, 0), match_reference(x, 32, a, s))

@@ -168,16 +168,17 @@ class MCTFBlock(TimmBlock):
         cfg = state.config
         T = x.shape[1]
         t_out = T - r
-        dest = mk.match(
+        # the slot index, once per layer for the merge and the attention output, comes from
+        # the matcher's own launch (None with the reference, which pools by dest)
+        dest, slots = mk.match(
             x.detach(), r, attn_received, state.size,
             tau_sim=cfg.tau_sim, tau_info=cfg.tau_info, tau_size=cfg.tau_size,
-            num_protected=state.num_protected, bidirectional=cfg.bidirectional,
+            num_protected=state.num_protected, bidirectional=cfg.bidirectional, return_slots=True,
         )
         source = state.source
         if cfg.trace_source and source is None:
             source = torch.eye(T, device=x.device, dtype=x.dtype).expand(x.shape[0], T, T)
         old_size = state.size
-        slots = mk.shared_slot_index(dest, t_out)  # once per layer: the merge and the attention output share it
         merged = mk.merge(
             x, dest, t_out, old_size, attn_received, mode=cfg.pooling,
             source=source if cfg.trace_source else None, slots=slots, norm=norm,

@@ -33,13 +33,14 @@ class ToMeBlock(TimmBlock):
         cfg = state.config
         B, T, _ = x.shape
         t_out = T - r
-        dest = mk.match(metric.detach(), r, num_protected=state.num_protected, bidirectional=False, score="cosine")
+        # the slot index from the matcher's own launch (None with the reference, which does not read it)
+        dest, slots = mk.match(metric.detach(), r, num_protected=state.num_protected, bidirectional=False,
+                               score="cosine", return_slots=True)
         source = None
         if cfg.trace_source:
             source = state.source
             if source is None:
                 source = torch.eye(T, device=x.device, dtype=x.dtype).expand(B, T, T)
-        slots = mk.shared_slot_index(dest, t_out)  # None with the reference, which does not read it
         x, state.size, new_source = mk.merge(x, dest, t_out, state.size, None, mode=0, source=source, slots=slots)
         if cfg.trace_source:
             state.source = new_source

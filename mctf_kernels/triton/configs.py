@@ -58,6 +58,9 @@ def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool,
       chunks of 32, one stage: <= 128 registers, no spills, one 16-warp CTA per SM
       (25%). Against 32-channel chunks and 16-key rank chunks, ~40% fewer instructions
       per image (estimate); rank chunks of 64 spill; 8 warps at 128-wide halves spill.
+      ``maxnreg=128`` (all a 512-thread CTA can hold): left to itself ptxas kept 64
+      registers and spilled 20-44 B at fp32 halves of 27-60 and 32 B in the cosine mode
+      at T = 54 (DeiT-S, ptxas -v); capped at 128 it took 62-106, no spills.
     - fused, halves <= 64 (T <= 128; fp32: <= 32) with more images than SMs: 8 warps,
       32 score rows per step, channel chunks of 64 (half) or 16, rank chunks of 32:
       <= 127 registers, no spills, two CTAs per SM, fewer warp-instructions per image
@@ -97,6 +100,7 @@ def match_configs(gpu: bool, t1: int, t2: int, C: int, T: int, half: bool,
         BLOCK_J=max(16, min(rank, p2(T))),
         num_warps=warps,
         num_stages=stages,
+        maxnreg=128 if gpu and fused and warps == 16 else None,
     )
     cfg["BLOCK_R"] = cfg["BLOCK_J"]
     return cfg

@@ -4,7 +4,9 @@
 T <= 256 (t1, t2 <= configs.MATCH_FUSED_MAX_HALF): ONE launch, one program per
 image (``_match_fused_kernel``). Larger T: the tiled path, one launch per stage
 (token stats, row max, rank of A, column max when bidirectional, slot assignment).
-No host sync, no data-dependent shapes.
+No host sync, no data-dependent shapes. ``return_slots=True`` also returns the map's
+slot index (``mctf::match_slots``): the single launch writes it itself (no slot-index
+kernel); the tiled path adds one ``_slot_index_kernel`` launch.
 
 Compute dtype of the similarity (docs/algorithm.md, "Precision"): the autocast
 dtype when autocast is enabled for x's device type, else x's dtype when it is
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -27,10 +29,12 @@ from ..dispatch import interpreter_enabled
 from ..match import _check_r
 from ..schedule import split_directions
 from ..scores import check_score, compute_dtype
+from ..slots import SlotIndex
 from . import LAUNCHERS
 from . import _match_kernel as K
 from ._common import custom_op, wrap
 from .configs import gpu_configs, match_configs, sm_count
+from .slots import launch_slot_index
 
 # Ranks, positions and slots are int32 inside the kernels; 2**16 tokens keeps
 # every count far from overflow and is well beyond ViT sequence lengths.
@@ -63,11 +67,13 @@ _DOT_DTYPES = {0: tl.float32, 1: tl.float16, 2: tl.bfloat16}
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _match_impl(
+def _match_launch(
     x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
     tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
-    dot_dtype: int, cosine: bool = False,
-) -> torch.Tensor:
+    dot_dtype: int, cosine: bool, with_slots: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dest, and with ``with_slots`` its slot index (order, starts): written by the
+    single-launch kernel itself; on the tiled path one slot-index launch after it."""
     B, T, C = x.shape
     t1, t2 = (T + 1) // 2, T // 2
     r1, r2 = split_directions(r, bidirectional)
@@ -80,13 +86,14 @@ def _match_impl(
     # pow: libdevice powf (torch's own) on the exact fp32 path, MUFU log2/exp2 on the
     # half path, float64 under the interpreter (no libdevice there)
     use_libdevice = 0 if dev.type != "cuda" or interpreter_enabled() else (1 if half else 2)
-    warps = {k: cfg[k] for k in ("num_warps", "num_stages") if cfg[k] is not None}
+    warps = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if cfg.get(k) is not None}
     numerics = dict(SIM_MODE=sim_mode, INFO_MODE=info_mode, SIZE_MODE=size_mode,
                     HAS_PROT=num_protected > 0, USE_LIBDEVICE=use_libdevice,
                     HALF=half, DOT_DTYPE=_DOT_DTYPES[dot_dtype])
     blocks = dict(BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"])
 
     dest = torch.empty(B, T, device=dev, dtype=torch.int64)
+    order = starts = None
     # Absent optional inputs: any tensor as a never-read pointer.
     attn = attn_received if attn_received is not None else x
     sz = size if size is not None else x
@@ -103,13 +110,18 @@ def _match_impl(
             scores = torch.empty(B, t1, t2, device=dev, dtype=torch.float32) if bidirectional else dest
             keys = torch.empty(B, T, device=dev, dtype=torch.float32)
             aux = torch.empty(B, 2, t1, device=dev, dtype=torch.int32)
+            if with_slots:
+                order = torch.empty(B, T, device=dev, dtype=torch.int64)
+                starts = torch.empty(B, T - r + 1, device=dev, dtype=torch.int64)
             _launch(K._match_fused_kernel, (B,),
-                    x, attn, sz, scores, keys, aux, dest, T, t1, t2, C, r1, r2, num_protected,
+                    x, attn, sz, scores, keys, aux, dest,
+                    order if with_slots else dest, starts if with_slots else dest,  # else never written
+                    T, t1, t2, C, r1, r2, num_protected,
                     sxb, sxt, sxc, sab, sat, ssb, sst, *taus, **numerics,
                     BIDIR=bool(bidirectional), REMAP=num_protected > 1, **blocks,
                     BLOCK_M=min(cfg["BLOCK_M"], blocks["BLOCK_A"]), BLOCK_J=cfg["BLOCK_J"],
-                    BLOCK_P=block_p, **warps)
-            return dest
+                    BLOCK_P=block_p, WITH_SLOTS=bool(with_slots), **warps)
+            return dest, order, starts
         stats = torch.empty(B, 3, T, device=dev, dtype=torch.float32)
         node_max = torch.empty(B, t1, device=dev, dtype=torch.float32)
         node_idx = torch.empty(B, t1, device=dev, dtype=torch.int32)
@@ -134,11 +146,34 @@ def _match_impl(
                 rank_a, node_idx, node_max2, node_idx2, dest, T, t1, t2, r1, r2, num_protected,
                 BIDIR=bool(bidirectional), HAS_PROT=num_protected > 0, REMAP=num_protected > 1,
                 BLOCK_T=bt, BLOCK_J=cfg["BLOCK_J"], BLOCK_P=block_p, **warps)
-    return dest
+        if with_slots:  # the tiled stages never hold a whole image's map: one more launch
+            order, starts = launch_slot_index(dest, T - r)
+    return dest, order, starts
 
 
-# a custom op whose body torch.compile traces into (kernels via wrap_triton)
+def _match_impl(
+    x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
+    tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
+    dot_dtype: int, cosine: bool = False,
+) -> torch.Tensor:
+    return _match_launch(x, r, attn_received, size, tau_sim, tau_info, tau_size, num_protected,
+                         bidirectional, dot_dtype, cosine, False)[0]
+
+
+def _match_slots_impl(
+    x: torch.Tensor, r: int, attn_received: Optional[torch.Tensor], size: Optional[torch.Tensor],
+    tau_sim: float, tau_info: float, tau_size: float, num_protected: int, bidirectional: bool,
+    dot_dtype: int, cosine: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dest, order, starts = _match_launch(x, r, attn_received, size, tau_sim, tau_info, tau_size, num_protected,
+                                        bidirectional, dot_dtype, cosine, True)
+    return dest, order, starts
+
+
+# custom ops whose bodies torch.compile traces into (kernels via wrap_triton): the slot map
+# alone (``mctf::match``, its schema unchanged), and the map with its slot index
 _match_op = custom_op("match", _match_impl)
+_match_slots_op = custom_op("match_slots", _match_slots_impl)
 
 
 def match_triton(
@@ -153,10 +188,13 @@ def match_triton(
     num_protected: int = 1,
     bidirectional: bool = True,
     score: str = "mctf",
-) -> torch.Tensor:
+    return_slots: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, SlotIndex]]:
     """Fused score-and-match; equals ``match_reference`` (slot map (B, T) int64):
     exactly for float32, up to near-ties in half precision (docs/algorithm.md, "Precision").
-    ``score="cosine"``: ToMe's raw cosine (no attn_received, no size)."""
+    ``score="cosine"``: ToMe's raw cosine (no attn_received, no size).
+    ``return_slots``: (dest, ``SlotIndex``), the index equal to ``slot_index_reference(dest,
+    T - r)``, from the matcher's own launch for T <= 256 (docs/algorithm.md, "Matching")."""
     check_tokens("x", x)
     B, T, C = x.shape
     _check_r(r, T, num_protected)
@@ -169,7 +207,10 @@ def match_triton(
     if cosine and (attn_received is not None or size is not None):
         raise ValueError("score='cosine' uses neither attn_received nor size: pass None")
     if r == 0:
-        return torch.arange(T, device=x.device).expand(B, T).clone()
+        ident = torch.arange(T, device=x.device).expand(B, T).clone()
+        if return_slots:  # every token its own slot, in order
+            return ident, SlotIndex(ident.clone(), torch.arange(T + 1, device=x.device).expand(B, T + 1).clone())
+        return ident
     if not 0 <= num_protected <= T:
         raise ValueError(f"num_protected must be in [0, T={T}], got {num_protected}")
     if T > MAX_TOKENS:
@@ -178,8 +219,12 @@ def match_triton(
         raise ValueError(f"x must have B >= 1 and C >= 1, got shape {tuple(x.shape)}")
     if x.device.type == "cpu" and not interpreter_enabled():
         raise ValueError("the Triton match kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    return _match_op(x, r, attn_received, size, float(tau_sim), float(tau_info), float(tau_size),
-                     int(num_protected), bool(bidirectional), _DTYPE_CODES[compute_dtype(x)], cosine)
+    args = (x, r, attn_received, size, float(tau_sim), float(tau_info), float(tau_size),
+            int(num_protected), bool(bidirectional), _DTYPE_CODES[compute_dtype(x)], cosine)
+    if return_slots:
+        dest, order, starts = _match_slots_op(*args)
+        return dest, SlotIndex(order, starts)
+    return _match_op(*args)
 
 
 LAUNCHERS["match"] = match_triton
