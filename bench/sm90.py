@@ -317,6 +317,11 @@ class _SDPAIsOneKernel(TorchFunctionMode):
                 lo = (q.view_as(q) if q.requires_grad else k.view_as(k) if k.requires_grad
                       else v.view_as(v)).grad_fn._sequence_nr() if grad else None
                 out = func(*args, **kwargs)
+                if out.dim() == 4:
+                    # torch's flash/efficient CUDA kernels write (B, T, H, D) memory and return its
+                    # (B, H, T, D) view, so timm's transpose(1, 2).reshape after SDPA is free on a GPU;
+                    # the CPU math path returns contiguous (B, H, T, D) (a copy the report would count)
+                    out = out.transpose(1, 2).contiguous().transpose(1, 2)
                 if grad and out.grad_fn is not None:
                     # its backward is one fused kernel too: 5 GEMMs of the forward's size
                     self.rec.sdpa_spans.append((lo, out.grad_fn._sequence_nr(), 2.5 * flops, 2 * nbytes,
