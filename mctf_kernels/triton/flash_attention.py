@@ -9,7 +9,11 @@ computed twice for T <= 256 (three times above: the received kernel then loops t
 - ``fusion_attention`` (``mctf::fusion_attention``): one launch computes each query's
   log-sum-exp ``lse`` (B, H, T) and ``received``: one program per image when the batch
   fills the GPU (T <= 256), otherwise per-query-block column sums of P added by one
-  ``sum`` in a fixed order (deterministic either way, no atomics).
+  ``sum`` in a fixed order (deterministic either way, no atomics). Given the token sizes
+  (``size=``, the model's inference flow) the same launch takes their log and writes the
+  output attention's log-size mask (``FusionAttention.mask``), which
+  ``mctf_kernels.fusion_attention_rows`` hands to torch's fused attention on values at
+  the T token rows (the model then projects and row-merges those rows).
 - ``fused_attention_output_qk`` (``mctf::fused_attention_output_qk``): P' @ V' =
   rowmerge(P @ V'[dest]) as three kernels: ``_gather_values_kernel`` writes V'[dest]
   and the log-size mask, torch's fused attention (``scaled_dot_product_attention``,
@@ -21,7 +25,8 @@ computed twice for T <= 256 (three times above: the received kernel then loops t
   serves only ``fused_attention_output`` (P formed: training with attention dropout).
 
 Logits in ``fusion_attention`` are ``(q * scale rounded to q's dtype) @ k^T`` accumulated
-in float32 (tensor cores for half inputs), plus ``log_size`` on each key in float32;
+in float32 (tensor cores for half inputs), plus ``log_size`` on each key in float32
+(given sizes: the kernel's float32 log, within the last bit of ``torch.log``);
 softmax in float32. The output's attention takes ``log_size`` rounded to q's dtype as its
 mask, as the reference adds it to logits in q's dtype; torch's kernel applies ``scale``
 inside. For half-precision models both kernels are at least as accurate as the reference.
