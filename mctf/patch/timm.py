@@ -195,7 +195,8 @@ class MCTFBlock(TimmBlock):
         max pooling does not), nothing between the heads and ``proj`` (timm's ``scale_norm``
         off) and no dropout on the rows (eval, or rates of 0)."""
         attn = self.attn
-        return (norm1 is not None and mode != 2 and isinstance(getattr(attn, "norm", None), (torch.nn.Identity, type(None)))
+        plain_heads = isinstance(getattr(attn, "norm", None), (torch.nn.Identity, type(None)))
+        return (norm1 is not None and mode != 2 and plain_heads
                 and not (self.training and (attn.attn_drop.p > 0 or attn.proj_drop.p > 0)))
 
     def _fused_attention_rows(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, size: Optional[torch.Tensor],
