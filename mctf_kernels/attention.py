@@ -94,6 +94,15 @@ class FusionAttention:
     lse: Optional[torch.Tensor] = None  # (B, H, T) float32
     log_size: Optional[torch.Tensor] = None  # (B, T) bias on the logits (proportional attention)
     scale: float = 1.0
+    # (B, 1, 1, T) in q's dtype: log(size) as the output attention's additive mask (given sizes, else None)
+    mask: Optional[torch.Tensor] = None
+    size: Optional[torch.Tensor] = None  # (B, T): the token sizes, when given instead of their log
+
+    def logits_bias(self) -> Optional[torch.Tensor]:
+        """log_size (B, T) float32 of the logits: as given, or the log of the given sizes."""
+        if self.log_size is not None or self.size is None:
+            return self.log_size
+        return self.size.log()
 
 
 def attention_logits_reference(q, k, scale: float, log_size: Optional[torch.Tensor]) -> torch.Tensor:
@@ -105,12 +114,30 @@ def attention_logits_reference(q, k, scale: float, log_size: Optional[torch.Tens
 
 
 def fusion_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float, log_size: Optional[torch.Tensor] = None
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, log_size: Optional[torch.Tensor] = None,
+    size: Optional[torch.Tensor] = None,
 ) -> FusionAttention:
-    """Form P = softmax(q k^T * scale [+ log s]) and the attention each token receives."""
+    """Form P = softmax(q k^T * scale [+ log s]) and the attention each token receives.
+    Given ``size`` (instead of ``log_size``), also the output attention's mask log(size)
+    in q's dtype."""
+    if size is not None:
+        if log_size is not None:
+            raise ValueError("pass the token sizes as size= or their log as log_size=, not both")
+        log_size = size.log()
     probs = attention_logits_reference(q, k, scale, log_size).softmax(dim=-1)
+    mask = None if size is None else log_size.to(q.dtype)[:, None, None, :]
     return FusionAttention(received=attention_received_reference(probs.detach()), probs=probs,
-                           log_size=log_size, scale=scale)
+                           log_size=log_size, scale=scale, mask=mask, size=size)
+
+
+def fusion_attention_rows_reference(att: FusionAttention, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale [+ log s]) @ v (B, H, T, D): the output rows of the attention
+    over the pre-fusion keys, ``v`` given at the T token rows (each key's slot value). From
+    ``att.probs`` when formed, else recomputed explicitly from ``att.q``, ``att.k``."""
+    probs = att.probs
+    if probs is None:
+        probs = attention_logits_reference(att.q, att.k, att.scale, att.logits_bias()).softmax(dim=-1)
+    return probs.to(v.dtype) @ v
 
 
 def fused_attention_output_qk_reference(
@@ -136,6 +163,7 @@ __all__ = [
     "FusionAttention",
     "attention_logits_reference",
     "fusion_attention_reference",
+    "fusion_attention_rows_reference",
     "fused_attention_output_qk_reference",
     "attention_received_reference",
     "merged_attention_reference",

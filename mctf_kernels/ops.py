@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import (
@@ -41,6 +42,7 @@ from .attention import (
     fused_attention_output_qk_reference,
     fused_attention_output_reference,
     fusion_attention_reference,
+    fusion_attention_rows_reference,
 )
 from .match import _check_r, match_reference
 from .merge import MergeNorm, merge_norm_reference, merge_reference
@@ -284,16 +286,23 @@ def fusion_attention(
     *,
     scale: float,
     log_size: Optional[torch.Tensor] = None,
+    size: Optional[torch.Tensor] = None,
     mode: int = 1,
     validate: Optional[bool] = None,
 ) -> FusionAttention:
     """The attention of a one-step-ahead block before fusion: softmax(q k^T * scale [+ log s]).
 
     Returns a ``FusionAttention`` whose ``received`` (B, T) drives matching; pass it to
-    ``fused_attention_output_from`` after merging. The Triton path keeps only q, k and
-    per-query log-sum-exps (flash-style); the reference forms P. ``mode`` is the pooling
-    mode the output will use (max pooling needs P formed). ``validate`` (default
-    ``$MCTF_VALIDATE``): also check that q, k and log_size are finite (a host sync).
+    ``fused_attention_output_from`` after merging, or give ``fusion_attention_rows`` the
+    values at the token rows. The Triton path keeps only q, k and per-query
+    log-sum-exps (flash-style); the reference forms P. Proportional attention takes the
+    token sizes as ``size`` (B, T) or their log as ``log_size``, not both; given ``size``,
+    the Triton kernel takes the log itself and the result's ``mask`` is the output
+    attention's additive mask, log(size) in q's dtype as a (B, 1, 1, T) view (docs/algorithm.md,
+    "One-step-ahead attention"; the kernel's log may differ from ``torch.log`` in the last
+    bit). ``mode`` is the pooling mode the output will use (max pooling needs P formed).
+    ``validate`` (default ``$MCTF_VALIDATE``): also check that q, k and log_size are finite
+    and sizes positive (a host sync).
     """
     check_heads("q", q)
     check_heads("k", k)
@@ -301,19 +310,58 @@ def fusion_attention(
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     check_same_device_dtype("k", k, "q", q)
     B, _, T, _ = q.shape
+    if log_size is not None and size is not None:
+        raise ValueError("pass the token sizes as size= or their log as log_size=, not both")
     check_per_token("log_size", log_size, B, T, q.device)
+    check_per_token("size", size, B, T, q.device)
     check_pooling(mode)
     check_scale(scale)
     if validation_requested(validate):
         check_finite("q", q)
         check_finite("k", k)
         check_finite("log_size", log_size)
+        check_sizes_positive("size", size)
     reason = _reasons(_MAX_POOLING_REASON if mode == 2 else None,
-                      _interpreter_bf16_reason(q.device, (q, k, log_size)))
+                      _interpreter_bf16_reason(q.device, (q, k, log_size, size)))
     launcher = dispatch.select("fusion_attention", q.device, reason)
     if launcher is None or B == 0:
-        return fusion_attention_reference(q, k, scale=float(scale), log_size=log_size)
-    return launcher(q, k, scale=float(scale), log_size=log_size)
+        return fusion_attention_reference(q, k, scale=float(scale), log_size=log_size, size=size)
+    if size is None:  # the launcher's signature before sizes (callers that replace it keep working)
+        return launcher(q, k, scale=float(scale), log_size=log_size)
+    return launcher(q, k, scale=float(scale), size=size)
+
+
+def fusion_attention_rows(
+    att: FusionAttention, v: torch.Tensor, *, validate: Optional[bool] = None
+) -> torch.Tensor:
+    """The attention's output rows over the pre-fusion keys, softmax(q k^T * scale [+ log s]) @ v,
+    (B, H, T, D): ``att`` from ``fusion_attention``, ``v`` (B, H, T, D) the values at the T
+    token rows (in the model each token's slot value, so that the row merge of the result
+    is P' @ V'; docs/algorithm.md, "One-step-ahead attention"). When ``att`` kept q and k
+    (the Triton path), torch's fused attention computes it with ``att.mask`` as its
+    additive mask (log(size) in q's dtype; sizes given as ``size=``, or log_size rounded to
+    q's dtype); when ``att`` formed P (the reference), P @ v. ``v`` has q's dtype and device.
+    ``validate`` (default ``$MCTF_VALIDATE``): also check that ``v`` is finite (a host sync).
+    """
+    if not isinstance(att, FusionAttention):
+        raise TypeError(f"att must be the FusionAttention from fusion_attention, got {type(att).__name__}")
+    like = att.probs if att.probs is not None else att.q
+    check_heads("v", v)
+    B, H, T = like.shape[:3]
+    if tuple(v.shape[:3]) != (B, H, T):
+        raise ValueError(f"v must have shape (B, H, T, D) = ({B}, {H}, {T}, D), got {tuple(v.shape)}")
+    if att.probs is None:  # torch's attention takes q, k, v of one dtype
+        check_same_device_dtype("v", v, "q", like)
+    elif v.device != like.device:  # P is cast to v's dtype, as in fused_attention_output
+        raise ValueError(f"v is on {v.device} but the attention is on {like.device}")
+    if validation_requested(validate):
+        check_finite("v", v)
+    if att.probs is not None or B == 0:
+        return fusion_attention_rows_reference(att, v)
+    mask = att.mask
+    if mask is None and att.log_size is not None:  # built from log_size: the reference's rounding
+        mask = att.log_size.to(att.q.dtype)[:, None, None, :]
+    return F.scaled_dot_product_attention(att.q, att.k, v, attn_mask=mask, scale=att.scale)
 
 
 def fused_attention_output_from(
@@ -344,7 +392,7 @@ def fused_attention_output_from(
     reason = _reasons(_MAX_POOLING_REASON if mode == 2 else None,
                       _interpreter_bf16_reason(v.device, (att.q, att.k, v, size)))
     launcher = dispatch.select("fused_attention_output_qk", v.device, reason)
-    args = (att.q, att.k, att.lse, att.log_size, att.scale, v, dest, t_out, size, att.received)
+    args = (att.q, att.k, att.lse, att.logits_bias(), att.scale, v, dest, t_out, size, att.received)
     if launcher is None or B == 0:
         return fused_attention_output_qk_reference(*args, mode=mode)
     return launcher(*args, mode=mode, slots=slots)

@@ -182,16 +182,18 @@ def main() -> int:
     for dtype, D in itertools.product(dtypes, (48, 64, 128)):
         compile_kernel(AK._attention_received_kernel, dict(BLOCK_Q=32, BLOCK_K=64), dtype, ("attn_ptr",))
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
-        for T, precision, has_log in itertools.product((197, 577), precisions, (False, True)):
+        # bias: none, log sizes given (training), sizes given (the kernel's libdevice log and the mask)
+        for T, precision, bias in itertools.product((197, 577), precisions, ("none", "log", "size")):
             # a small batch (per-query-block partials) and one that fills the GPU (one program per image)
             for batch in (1, 256):
                 cfg = configs.attention_received_qk_config(T, D, True, dtype == "fp32", batch=batch)
                 if batch > 1 and not cfg["PER_IMAGE"]:
                     continue
-                consts = dict(HAS_LOG_SIZE=has_log, QK_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
+                consts = dict(HAS_LOG_SIZE=bias != "none", SIZE_GIVEN=bias == "size", WRITE_MASK=bias == "size",
+                              USE_LIBDEVICE=True, QK_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
                               BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"],
                               PER_IMAGE=cfg["PER_IMAGE"])
-                compile_kernel(FK._attention_lse_received_kernel, consts, dtype, ("q_ptr", "k_ptr"),
+                compile_kernel(FK._attention_lse_received_kernel, consts, dtype, ("q_ptr", "k_ptr", "mask_ptr"),
                                cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
                 count += 1
         for has_log in (False, True):  # V'[dest] and the log-size mask of the output's attention

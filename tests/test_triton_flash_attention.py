@@ -371,7 +371,7 @@ def test_one_fused_layer_launches(device, triton_backend, monkeypatch, fills_gpu
         kernel = getattr(module, name)
         monkeypatch.setattr(kernel, "run", lambda *a, _n=name, **kw: launches.append(_n))  # count, do not run
 
-    free = {"empty", "empty_strided", "view", "_unsafe_view", "transpose", "permute", "expand", "as_strided",
+    free = {"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "transpose", "permute", "expand", "as_strided",
             "detach", "alias", "t", "slice", "select", "unsqueeze", "squeeze", "lift_fresh", "_to_copy"}
 
     class CountOps(TorchDispatchMode):
@@ -393,13 +393,20 @@ def test_one_fused_layer_launches(device, triton_backend, monkeypatch, fills_gpu
     size = torch.randint(1, 5, (B, T), device=device).float()
     # the ops' bodies (a dispatch mode sees a custom op whole, not the torch ops inside)
     with CountOps() as counter, force_gpu_configs():
-        received, lse = flash_attention._fusion_attention_impl(q, k, ls, D ** -0.5)
+        received, lse, _mask = flash_attention._fusion_attention_impl(q, k, ls, D ** -0.5, False)
         flash_attention._fused_qk_impl(q, k, lse, ls, D ** -0.5, v, dest, t_out, size, received, 1, *slots)
     assert launches == ["_attention_lse_received_kernel", "_gather_values_kernel", "_merge_kernel"]
     attention = [op for op in counter.ops if "scaled_dot_product" in op]
     assert len(attention) == 1, counter.ops  # one fused-attention kernel (the CPU one here)
     others = [op for op in counter.ops if op not in attention]
     assert others == ([] if fills_gpu else ["sum"]), counter.ops
+    # given the sizes (the model's inference flow), the same one launch also takes their log
+    # and writes the output attention's mask: no torch log, nothing else
+    launches.clear()
+    with CountOps() as counter, force_gpu_configs():
+        flash_attention._fusion_attention_impl(q, k, size, D ** -0.5, True)
+    assert launches == ["_attention_lse_received_kernel"]
+    assert counter.ops == ([] if fills_gpu else ["sum"]), counter.ops
 
 
 def test_received_one_program_per_image(device, triton_backend, monkeypatch):

@@ -189,6 +189,37 @@ class MCTFBlock(TimmBlock):
             state.source = new_source
         return x_new, dest, old_size, attn_received, slots, (merged[3] if norm is not None else None)
 
+    def _rows_flow(self, norm1: Optional[mk.MergeNorm], mode: int) -> bool:
+        """Whether one-step-ahead inference can take the rows flow (``_fused_attention_rows``):
+        no gradients and norm1 the merge applies (``norm1`` given: ``_fused_norm1``), a weighted
+        pooling (a slot's weights sum to 1, so the row merge commutes with the affine ``proj``;
+        max pooling does not), nothing between the heads and ``proj`` (timm's ``scale_norm``
+        off) and no dropout on the rows (eval, or rates of 0)."""
+        attn = self.attn
+        plain_heads = isinstance(getattr(attn, "norm", None), (torch.nn.Identity, type(None)))
+        return (norm1 is not None and mode != 2 and plain_heads
+                and not (self.training and (attn.attn_drop.p > 0 or attn.proj_drop.p > 0)))
+
+    def _fused_attention_rows(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, size: Optional[torch.Tensor],
+                              r: int, state: MCTFState, norm1: mk.MergeNorm) -> torch.Tensor:
+        """One-step-ahead inference, the rows flow: ``x' + ls1(rowmerge(proj(P @ V'[dest])))``,
+        equal to ``x' + ls1(proj(P' @ V'))`` (docs/algorithm.md, "One-step-ahead attention").
+        The values are projected at the T token rows, torch's fused attention gives the rows
+        at T (the attention kernel already wrote its log-size mask), ``proj`` runs on those
+        rows, and the row merge comes last, where the merge can also add the residual."""
+        cfg = state.config
+        att = mk.fusion_attention(q, k, scale=self.attn.scale, size=size, mode=cfg.pooling)
+        x, dest, old_size, received, slots, normed = self._fuse(x, att.received, r, state, norm1)
+        B, T = dest.shape
+        # (merge feature 1) LN1(x') at the token positions from the merge replaces this gather
+        n1_tokens = normed.gather(1, dest[:, :, None].expand(B, T, normed.shape[-1]))
+        rows = mk.fusion_attention_rows(att, _values(self.attn, n1_tokens))
+        y = _output(self.attn, rows)  # proj on the T rows
+        # (merge feature 2) the merge's residual + layer-scale + LayerNorm epilogue replaces this
+        # merge, the add and norm2
+        pooled = mk.merge(y, dest, x.shape[1], old_size, received, mode=cfg.pooling, slots=slots)[0]
+        return x + self.drop_path1(self.ls1(pooled))
+
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
         if attn_mask is not None or is_causal or kwargs:
             raise NotImplementedError("MCTF blocks do not support attention masks or causal attention")
@@ -200,6 +231,7 @@ class MCTFBlock(TimmBlock):
         if r > 0 and cfg.one_step_ahead == 1:
             # fuse with this layer's attention, then reuse it merged: P' @ V(LN1(x'))
             q, k = _queries_keys(self.attn, self.norm1(x))
+            norm1 = self._fused_norm1(x)  # None: norm1 of the fused tokens runs as a module
             if self.training and self.attn.attn_drop.p > 0:  # dropout needs P formed
                 probs = self.attn.attn_drop(_softmax_probs(self.attn, q, k, size))
                 x, dest, old_size, received, slots, _ = self._fuse(x, mk.attention_received(probs.detach()), r, state)
@@ -207,15 +239,18 @@ class MCTFBlock(TimmBlock):
                     probs, _values(self.attn, self.norm1(x)), dest, x.shape[1], old_size, received, mode=cfg.pooling,
                     slots=slots,
                 )
+                x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
+            elif self._rows_flow(norm1, cfg.pooling):  # inference
+                x = self._fused_attention_rows(x, q, k, size, r, state, norm1)
             else:
                 att = mk.fusion_attention(q, k, scale=self.attn.scale, log_size=_log_size(size), mode=cfg.pooling)
                 # norm1 of the fused tokens comes from the merge's own pass when it can
-                x, dest, old_size, _, slots, normed = self._fuse(x, att.received, r, state, self._fused_norm1(x))
+                x, dest, old_size, _, slots, normed = self._fuse(x, att.received, r, state, norm1)
                 heads = mk.fused_attention_output_from(
                     att, _values(self.attn, self.norm1(x) if normed is None else normed), dest, x.shape[1],
                     old_size, mode=cfg.pooling, slots=slots,
                 )
-            x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
+                x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
         elif r > 0 and cfg.one_step_ahead == 2:
             with torch.no_grad():  # "precise": this attention only picks the tokens
                 q, k = _queries_keys(self.attn, self.norm1(x))

@@ -11,12 +11,20 @@ query blocks in a fixed order and writes ``received`` itself (``PER_IMAGE``: one
 launch, used when the batch alone fills the GPU), or one program per (batch, head,
 query block) writes partial column sums that the launcher adds in a fixed order.
 
+Given the token sizes (``SIZE_GIVEN``) the kernel takes their log itself: libdevice's
+``logf`` on a GPU, float64 ``log`` rounded to float32 under the interpreter (which has no
+libdevice); either may differ from ``torch.log`` in the last bit, so ``lse`` and
+``received`` then differ from the reference by rounding only. The same launch writes
+the output attention's additive mask (``WRITE_MASK``): the per-key bias rounded to the
+mask's dtype, each image's row written by exactly one program.
+
 The helpers ``scaled_queries``, ``keys_t``, ``key_bias`` and ``logits_tile`` are shared
 with the backward of the output (``_attention_backward_kernel.py``), so both recompute
 the same logits with the same operand rounding.
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -45,6 +53,34 @@ def key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _bias_of(sizes_row, offs_k, mask_k, stride_lt, SIZE_GIVEN: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """The float32 bias per key from what the launcher passed: log_size as it is, or the
+    log of the sizes (masked keys read size 1: a finite log, replaced by the caller)."""
+    v = tl.load(sizes_row + offs_k * stride_lt, mask=mask_k, other=1.0).to(tl.float32)
+    if SIZE_GIVEN:
+        if USE_LIBDEVICE:
+            v = libdevice.log(v)
+        else:  # the interpreter has no libdevice
+            v = tl.log(v.to(tl.float64)).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _fwd_key_bias(sizes_row, offs_k, mask_k, stride_lt, mask_row, write,
+                  HAS_LOG_SIZE: tl.constexpr, SIZE_GIVEN: tl.constexpr, STORE: tl.constexpr,
+                  USE_LIBDEVICE: tl.constexpr):
+    """``key_bias`` of the forward: the bias from sizes or log sizes; with ``STORE`` also
+    writes it, rounded to the mask's dtype, where ``write`` (one program per image)."""
+    if HAS_LOG_SIZE:
+        bias = _bias_of(sizes_row, offs_k, mask_k, stride_lt, SIZE_GIVEN, USE_LIBDEVICE)
+        if STORE:
+            tl.store(mask_row + offs_k, bias.to(mask_row.dtype.element_ty), mask=mask_k & write)
+    else:
+        bias = 0.0
+    return tl.where(mask_k, bias, float("-inf"))
+
+
+@triton.jit
 def logits_tile(qs, kt, bias, QK_PRECISION: tl.constexpr):
     """s = qs @ K^T + bias in float32 (fp32 accumulation): (BLOCK_M, BLOCK_N)."""
     return tl.dot(qs, kt, input_precision=QK_PRECISION).to(tl.float32) + bias[None, :]
@@ -67,14 +103,18 @@ def _one_tile_block(qs, kt, bias, mask_m, QK_PRECISION: tl.constexpr):
 def _attention_lse_received_kernel(
     q_ptr, stride_qb, stride_qh, stride_qt, stride_qd,
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
-    logs_ptr, stride_lb, stride_lt,  # log_size (B, T), HAS_LOG_SIZE only
+    logs_ptr, stride_lb, stride_lt,  # log_size, or the sizes (SIZE_GIVEN), (B, T): HAS_LOG_SIZE only
     lse_ptr,  # (B, H, T) float32, contiguous
+    mask_ptr, stride_mb,  # (B, >= T) in q's dtype: the output attention's additive mask, WRITE_MASK only
     part_ptr,  # (B, H, n_query_blocks, T) float32, contiguous: column sums of P * inv_norm;
     # PER_IMAGE: received (B, T) float32, contiguous
     scale,
     inv_norm,  # 1 / (H * T): received is the mean over heads and queries
     H, T, D,
-    HAS_LOG_SIZE: tl.constexpr,
+    HAS_LOG_SIZE: tl.constexpr,  # the logits have a bias per key (proportional attention)
+    SIZE_GIVEN: tl.constexpr,  # logs_ptr holds the sizes: the kernel takes their log
+    WRITE_MASK: tl.constexpr,  # also write the bias in mask_ptr's dtype (HAS_LOG_SIZE only)
+    USE_LIBDEVICE: tl.constexpr,  # libdevice's logf (GPU); the interpreter has none
     QK_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 q, k (as torch's matmul setting)
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per tile (>= T when ONE_TILE)
@@ -90,6 +130,9 @@ def _attention_lse_received_kernel(
         mask_k = offs_k < T
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
+        if WRITE_MASK:  # before the loop: nothing of it stays live through the loop
+            _fwd_key_bias(logs_ptr + b * stride_lb, offs_k, mask_k, stride_lt, mask_ptr + b * stride_mb, True,
+                          HAS_LOG_SIZE, SIZE_GIVEN, True, USE_LIBDEVICE)
         t_end = T  # always T (m0 < T); loop-carried so the compiler rebuilds the key mask per step
         for h in range(0, H):
             kt = keys_t(k_ptr + b * stride_kb + h * stride_kh, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
@@ -101,7 +144,8 @@ def _attention_lse_received_kernel(
                 # Per-key vectors are rebuilt each step, not kept across it (their pointers
                 # and bias would hold ~100 registers through the loop: spills at 128).
                 t_end = tl.maximum(t_end, m0 + 1)
-                bias = key_bias(logs_ptr + b * stride_lb, offs_k, offs_k < t_end, stride_lt, HAS_LOG_SIZE)
+                bias = _fwd_key_bias(logs_ptr + b * stride_lb, offs_k, offs_k < t_end, stride_lt, mask_ptr, False,
+                                     HAS_LOG_SIZE, SIZE_GIVEN, False, USE_LIBDEVICE)
                 recv_row = part_ptr + b * T + offs_k
                 lse, colsum = _one_tile_block(qs, kt, bias, mask_m, QK_PRECISION)
                 # The running sum lives in received itself, not in registers (a register
@@ -129,6 +173,8 @@ def _attention_lse_received_kernel(
         k_row = k_ptr + b * stride_kb + h * stride_kh
         logs_row = logs_ptr + b * stride_lb
         part_row = part_ptr + (bh * n_mb + mb) * T
+        mask_row = mask_ptr + b * stride_mb
+        writer = (h == 0) & (mb == 0)  # the one program per image that writes the mask
         qs = scaled_queries(q_ptr + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qt, stride_qd,
                             offs_d, mask_d, scale)
 
@@ -136,8 +182,9 @@ def _attention_lse_received_kernel(
             offs_k = tl.arange(0, BLOCK_N)
             mask_k = offs_k < T
             kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
-            lse, colsum = _one_tile_block(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), mask_m,
-                                          QK_PRECISION)
+            bias = _fwd_key_bias(logs_row, offs_k, mask_k, stride_lt, mask_row, writer,
+                                 HAS_LOG_SIZE, SIZE_GIVEN, WRITE_MASK, USE_LIBDEVICE)
+            lse, colsum = _one_tile_block(qs, kt, bias, mask_m, QK_PRECISION)
             tl.store(part_row + offs_k, colsum * inv_norm, mask=mask_k)
         else:
             # Loop 1, online softmax normaliser: m = running max, l = sum exp(s - m). The
@@ -148,7 +195,9 @@ def _attention_lse_received_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_N)
                 mask_k = offs_k < T
                 kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
-                s = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
+                bias = _fwd_key_bias(logs_row, offs_k, mask_k, stride_lt, mask_row, writer,
+                                     HAS_LOG_SIZE, SIZE_GIVEN, WRITE_MASK, USE_LIBDEVICE)
+                s = logits_tile(qs, kt, bias, QK_PRECISION)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
                 m_i = m_new
@@ -158,7 +207,9 @@ def _attention_lse_received_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_N)
                 mask_k = offs_k < T
                 kt = keys_t(k_row, offs_k, mask_k, stride_kt, stride_kd, offs_d, mask_d)
-                s = logits_tile(qs, kt, key_bias(logs_row, offs_k, mask_k, stride_lt, HAS_LOG_SIZE), QK_PRECISION)
+                bias = _fwd_key_bias(logs_row, offs_k, mask_k, stride_lt, mask_row, False,
+                                     HAS_LOG_SIZE, SIZE_GIVEN, False, USE_LIBDEVICE)
+                s = logits_tile(qs, kt, bias, QK_PRECISION)
                 p = tl.where(mask_m[:, None], tl.exp(s - lse[:, None]), 0.0)
                 tl.store(part_row + offs_k, tl.sum(p, axis=0) * inv_norm, mask=mask_k)
         tl.store(lse_ptr + bh * T + offs_m, lse, mask=mask_m)

@@ -9,7 +9,11 @@ computed twice for T <= 256 (three times above: the received kernel then loops t
 - ``fusion_attention`` (``mctf::fusion_attention``): one launch computes each query's
   log-sum-exp ``lse`` (B, H, T) and ``received``: one program per image when the batch
   fills the GPU (T <= 256), otherwise per-query-block column sums of P added by one
-  ``sum`` in a fixed order (deterministic either way, no atomics).
+  ``sum`` in a fixed order (deterministic either way, no atomics). Given the token sizes
+  (``size=``, the model's inference flow) the same launch takes their log and writes the
+  output attention's log-size mask (``FusionAttention.mask``), which
+  ``mctf_kernels.fusion_attention_rows`` hands to torch's fused attention on values at
+  the T token rows (the model then projects and row-merges those rows).
 - ``fused_attention_output_qk`` (``mctf::fused_attention_output_qk``): P' @ V' =
   rowmerge(P @ V'[dest]) as three kernels: ``_gather_values_kernel`` writes V'[dest]
   and the log-size mask, torch's fused attention (``scaled_dot_product_attention``,
@@ -21,7 +25,8 @@ computed twice for T <= 256 (three times above: the received kernel then loops t
   serves only ``fused_attention_output`` (P formed: training with attention dropout).
 
 Logits in ``fusion_attention`` are ``(q * scale rounded to q's dtype) @ k^T`` accumulated
-in float32 (tensor cores for half inputs), plus ``log_size`` on each key in float32;
+in float32 (tensor cores for half inputs), plus ``log_size`` on each key in float32
+(given sizes: the kernel's float32 log, within the last bit of ``torch.log``);
 softmax in float32. The output's attention takes ``log_size`` rounded to q's dtype as its
 mask, as the reference adds it to logits in q's dtype; torch's kernel applies ``scale``
 inside. For half-precision models both kernels are at least as accurate as the reference.
@@ -50,7 +55,7 @@ from ..attention import (  # noqa: F401  (the references beside their launchers)
     fusion_attention_reference,
 )
 from . import configs
-from ._common import custom_op, device_guard, last_dim_unit, wrap
+from ._common import custom_op, device_guard, interpreting, last_dim_unit, wrap
 from ._flash_attention_kernel import _attention_lse_received_kernel, _gather_values_kernel
 from .._checks import check_slot_index
 from .attention import _pv_precision, check_output_args
@@ -61,12 +66,15 @@ from .slots import launch_slot_index
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _launch_lse_received(q, k, log_size, scale, want_received: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One launch: lse (B, H, T) float32 and ``received`` (B, T) float32. With
-    ``PER_IMAGE`` the kernel writes ``received`` itself; otherwise it writes per-(head,
-    query block) column sums, already divided by H * T, and one ``sum`` adds them in a
-    fixed order (skipped when not ``want_received``: then the partials come back).
-    Either way ``received`` is bit-identical run to run (no atomics)."""
+def _launch_lse_received(q, k, log_size, scale, want_received: bool = True, size=None):
+    """One launch: lse (B, H, T) float32, ``received`` (B, T) float32 and, given ``size``
+    (whose log the kernel takes; then ``log_size`` is None), the output attention's
+    additive mask: (B, T rounded up to 16) in q's dtype, rows padded so that torch's
+    attention takes a (B, 1, 1, T) view of it as it is (no aligned copy); else None.
+    With ``PER_IMAGE`` the kernel writes ``received`` itself; otherwise it writes
+    per-(head, query block) column sums, already divided by H * T, and one ``sum`` adds
+    them in a fixed order (skipped when not ``want_received``: then the partials come
+    back). Either way ``received`` is bit-identical run to run (no atomics)."""
     B, H, T, D = q.shape
     gpu = configs.gpu_configs(q.device)
     cfg = configs.attention_received_qk_config(T, D, gpu, q.dtype in (torch.float32, torch.float64), batch=B,
@@ -77,28 +85,37 @@ def _launch_lse_received(q, k, log_size, scale, want_received: bool = True) -> T
         grid, part = (B,), torch.empty(B, T, device=q.device, dtype=torch.float32)
     else:
         grid, part = (B * H, n_mb), torch.empty(B, H * n_mb, T, device=q.device, dtype=torch.float32)
-    has_log_size = log_size is not None
-    logs_arg, sl = (log_size, log_size.stride()) if has_log_size else (lse, (0, 0))
+    bias_src = log_size if size is None else size
+    has_log_size = bias_src is not None
+    logs_arg, sl = (bias_src, bias_src.stride()) if has_log_size else (lse, (0, 0))
+    mask = (torch.empty(B, triton.cdiv(max(T, 1), 16) * 16, device=q.device, dtype=q.dtype)
+            if size is not None else None)
+    mask_arg = lse if mask is None else mask
     with device_guard(q):
         wrap(_attention_lse_received_kernel)[grid](
-            q, *q.stride(), k, *k.stride(), logs_arg, *sl, lse, part, float(scale), 1.0 / (H * T), H, T, D,
-            HAS_LOG_SIZE=has_log_size, QK_PRECISION=_pv_precision(q.dtype),
+            q, *q.stride(), k, *k.stride(), logs_arg, *sl, lse, mask_arg, mask_arg.stride(0), part, float(scale),
+            1.0 / (H * T), H, T, D,
+            HAS_LOG_SIZE=has_log_size, SIZE_GIVEN=size is not None, WRITE_MASK=mask is not None,
+            USE_LIBDEVICE=q.device.type == "cuda" and not interpreting(), QK_PRECISION=_pv_precision(q.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ONE_TILE=cfg["ONE_TILE"],
             PER_IMAGE=cfg["PER_IMAGE"], num_warps=cfg["num_warps"],
             **{n: cfg[n] for n in ("num_stages", "maxnreg") if cfg[n] is not None},
         )
     # Heads and query blocks summed in a fixed order (deterministic, no atomics).
-    return lse, part if cfg["PER_IMAGE"] or not want_received else part.sum(dim=1)
+    return lse, part if cfg["PER_IMAGE"] or not want_received else part.sum(dim=1), mask
 
 
 # ---------------------------------------------------------------- fusion_attention
 
 def _fusion_attention_impl(
-    q: torch.Tensor, k: torch.Tensor, log_size: Optional[torch.Tensor], scale: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float, bias_is_size: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # ``bias``: the sizes (``bias_is_size``: the kernel takes their log and writes the mask)
+    # or log_size. The mask comes back padded, (B, 0) when there is none (an op returns tensors).
     q, k = last_dim_unit(q), last_dim_unit(k)
-    lse, received = _launch_lse_received(q, k, log_size, scale)
-    return received, lse
+    size, log_size = (bias, None) if bias_is_size else (None, bias)
+    lse, received, mask = _launch_lse_received(q, k, log_size, scale, size=size)
+    return received, lse, q.new_empty(q.shape[0], 0) if mask is None else mask
 
 
 # ---------------------------------------------------------------- fused_attention_output_qk
@@ -172,7 +189,7 @@ def _fused_qk_backward(ctx, grad_out, _grad_den):
     q, k, lse, v, dest, den, log_size, size, attn_received, order, starts = ctx.saved_tensors
     q, k = last_dim_unit(q), last_dim_unit(k)
     if lse is None:
-        lse, _unused = _launch_lse_received(q, k, log_size, ctx.scale, want_received=False)
+        lse, _unused, _mask = _launch_lse_received(q, k, log_size, ctx.scale, want_received=False)
     grad_q, grad_k, grad_v = launch_fused_qk_backward(
         grad_out, q, k, lse, log_size, ctx.scale, v, dest, den, size, attn_received, ctx.mode,
         slots=None if order is None else (order, starts))
@@ -183,7 +200,7 @@ fusion_attention_op = custom_op("fusion_attention", _fusion_attention_impl)
 fused_qk_op = custom_op("fused_attention_output_qk", _fused_qk_impl, _fused_qk_backward, _fused_qk_setup)
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor, log_size: Optional[torch.Tensor]) -> None:
+def _check_qk(q: torch.Tensor, k: torch.Tensor, log_size: Optional[torch.Tensor], name: str = "log_size") -> None:
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape (B, H, T, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.dtype != k.dtype or q.dtype not in _FLOATS:
@@ -192,19 +209,29 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, log_size: Optional[torch.Tensor]
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
     B, _, T, _ = q.shape
     if log_size is not None and (tuple(log_size.shape) != (B, T) or log_size.device != q.device):
-        raise ValueError(f"log_size must have shape (B, T) = ({B}, {T}) on {q.device}")
+        raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) on {q.device}")
 
 
 def fusion_attention(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float, log_size: Optional[torch.Tensor] = None
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, log_size: Optional[torch.Tensor] = None,
+    size: Optional[torch.Tensor] = None,
 ) -> FusionAttention:
     """Triton ``fusion_attention``: each query's log-sum-exp and the attention each token
-    receives, without forming P. ``received`` and ``lse`` carry no gradient."""
+    receives, without forming P. ``received`` and ``lse`` carry no gradient. Given
+    ``size`` (not ``log_size``) the kernel takes the log itself and the result's ``mask``
+    is the output attention's additive mask, log(size) in q's dtype, a (B, 1, 1, T) view
+    of rows padded to 16 elements."""
+    if log_size is not None and size is not None:
+        raise ValueError("pass the token sizes as size= or their log as log_size=, not both")
     _check_qk(q, k, log_size)
-    received, lse = fusion_attention_op(
-        q.detach(), k.detach(), None if log_size is None else log_size.detach(), float(scale)
+    _check_qk(q, k, size, "size")
+    bias = size if size is not None else log_size
+    received, lse, mask = fusion_attention_op(
+        q.detach(), k.detach(), None if bias is None else bias.detach(), float(scale), size is not None
     )
-    return FusionAttention(received=received, probs=None, q=q, k=k, lse=lse, log_size=log_size, scale=float(scale))
+    T = q.shape[2]
+    return FusionAttention(received=received, probs=None, q=q, k=k, lse=lse, log_size=log_size, scale=float(scale),
+                           mask=mask[:, None, None, :T] if size is not None else None, size=size)
 
 
 def fused_attention_output_qk(
