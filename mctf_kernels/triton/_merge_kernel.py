@@ -6,7 +6,9 @@ the leading dims and walks their members in that fixed order, BLOCK_C channels
 at a time (all channels, or a SPLIT_C-th of them when the grid is small): no
 atomics, so every run is bit-identical. The per-slot scalars (new sizes, weight
 sums), the pooling weights, the row's size maximum and the sources are computed
-in the same launch.
+in the same launch, and optionally two epilogues on the pooled rows: a residual add
+(``residual + scale * x'``, rounded step by step as the eager ops would) and a LayerNorm of
+the stored result, written per slot or at every member token's position.
 """
 import triton
 import triton.language as tl
@@ -61,8 +63,9 @@ def _merge_kernel(
     src_ptr, stride_nb, stride_nt, stride_nn,
     out_ptr, stride_ob, stride_oh, stride_ot,  # out's channel stride is 1
     new_size_ptr, den_ptr, new_src_ptr,  # contiguous (B, T'), (B, T'), (B, T', N)
-    norm_w_ptr, norm_b_ptr, normed_ptr, stride_yb, stride_yt,  # HAS_NORM: LayerNorm(x') (B, T', C), unit last stride
+    norm_w_ptr, norm_b_ptr, normed_ptr, stride_yb, stride_yt,  # HAS_NORM: LayerNorm(x') (B, T' or T, C), unit last stride
     eps,
+    res_ptr, stride_rb, stride_rt, scale_ptr,  # HAS_RESIDUAL: (B, T', C) unit last stride; HAS_SCALE: (C,) contiguous
     H, T, T_out, C, N,
     MODE: tl.constexpr,  # 0 size, 1 attention*size, 2 max, 3 mean
     HAS_SIZE: tl.constexpr,  # False: every size is 1
@@ -75,6 +78,12 @@ def _merge_kernel(
     SPLIT_C: tl.constexpr,  # programs sharing one slot block's channels
     GROUP_C: tl.constexpr = 0,  # > 0: channels are groups of GROUP_C (e.g. heads of (B, H, T, D) rows)
     HAS_NORM: tl.constexpr = False,  # also LayerNorm(x') (the launcher makes BLOCK_C >= C, SPLIT_C == 1)
+    NORM_AT_TOKENS: tl.constexpr = False,  # the LayerNorm's rows go to every member token (B, T, C)
+    HAS_RESIDUAL: tl.constexpr = False,  # out = residual + [scale *] x' (3-d x, weighted modes)
+    HAS_SCALE: tl.constexpr = False,
+    SCALED_DTYPE: tl.constexpr = tl.float32,  # torch's result dtype of scale * x' (rounded to it)
+    EPI_DTYPE: tl.constexpr = tl.float32,  # the epilogues' arithmetic: float64 when an operand is
+    WRITE_SIZES: tl.constexpr = True,  # False: size' and the weight sums are not stored
 ):
     # Axis 0: (row of the leading dims, slot block); rows are (b, h) with h < H, so the
     # same kernel merges tokens (H = 1) and per-head query rows (dest is per b).
@@ -100,7 +109,7 @@ def _merge_kernel(
 
     # Per-slot sums of sizes and pooling weights (same expressions as pooling_weights).
     s_sum = tl.zeros([BLOCK_S], tl.float32)
-    w_sum = tl.zeros([BLOCK_S], tl.float32)
+    w_sum = tl.zeros([BLOCK_S], ACC_DTYPE)  # float64 for float64 x, as the reference's sum
     for k in range(0, steps):
         valid = k < count
         t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
@@ -110,7 +119,7 @@ def _merge_kernel(
 
     # A slot whose weights sum to exactly 0 is its members' unweighted mean (weight 1 each).
     unweighted = w_sum == 0
-    den = tl.where(unweighted, count.to(tl.float32), w_sum)
+    den = tl.where(unweighted, count.to(ACC_DTYPE), w_sum)
     # w * keep + unw: exactly w, or 1 (the weights of a slot summing to 0 are finite);
     # arithmetic, not a select in the loop below, where a select costs a register spill
     unw = unweighted.to(tl.float32)
@@ -146,30 +155,63 @@ def _merge_kernel(
         else:
             # an empty slot gives 0/0 = NaN, like the reference (padding rows divide by 1)
             acc = acc / tl.where(mask_s, den, 1.0)[:, None]
-        x_new = acc.to(out_ptr.dtype.element_ty)
+        if HAS_RESIDUAL:
+            # Each rounding of the eager ops: x' in x's dtype, the product in SCALED_DTYPE,
+            # the sum in out's dtype (half types computed in float32, as torch does).
+            x_new = acc.to(x_ptr.dtype.element_ty).to(EPI_DTYPE)
+            if HAS_SCALE:
+                gamma = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(EPI_DTYPE)
+                x_new = (x_new * gamma[None, :]).to(SCALED_DTYPE).to(EPI_DTYPE)
+            res = tl.load(res_ptr + b * stride_rb + offs_s[:, None] * stride_rt + offs_c[None, :],
+                          mask=mask_s[:, None] & mask_c[None, :], other=0.0).to(EPI_DTYPE)
+            x_new = (res + x_new).to(out_ptr.dtype.element_ty)
+        else:
+            x_new = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_row + offs_c[None, :], x_new, mask=mask_s[:, None] & mask_c[None, :])
         if HAS_NORM:
-            # The whole row is this one chunk: LayerNorm of x' as stored (rounded to x's
-            # dtype), in ACC_DTYPE, two-pass (mean, then centred variance) like torch's.
-            xr = tl.where(mask_c[None, :], x_new.to(ACC_DTYPE), 0.0)
+            # The whole row is this one chunk: LayerNorm of the row as stored (rounded to
+            # out's dtype), in EPI_DTYPE, two-pass (mean, then centred variance) like torch's.
+            xr = tl.where(mask_c[None, :], x_new.to(EPI_DTYPE), 0.0)
             mean = tl.sum(xr, axis=1) / C
             xc = tl.where(mask_c[None, :], xr - mean[:, None], 0.0)
             var = tl.sum(xc * xc, axis=1) / C + eps
-            if ACC_DTYPE == tl.float64:
+            if EPI_DTYPE == tl.float64:
                 rstd = 1.0 / tl.sqrt(var)  # IEEE in float64
             else:
                 rstd = 1.0 / tl.sqrt_rn(var)  # IEEE, not the approximate square root
-            nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-            nb = tl.load(norm_b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-            y = xc * rstd[:, None] * nw[None, :] + nb[None, :]
-            tl.store(normed_ptr + b * stride_yb + offs_s[:, None] * stride_yt + offs_c[None, :],
-                     y.to(normed_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_c[None, :])
+            nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0).to(EPI_DTYPE)
+            nb = tl.load(norm_b_ptr + offs_c, mask=mask_c, other=0.0).to(EPI_DTYPE)
+            y = (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(normed_ptr.dtype.element_ty)
+            normed_row = normed_ptr + b * stride_yb
+            if NORM_AT_TOKENS:
+                # Every member token gets its slot's row: slots own disjoint members, so each
+                # position is written once (by the program that walked it above).
+                for k in range(0, steps):
+                    valid = k < count
+                    t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+                    tl.store(normed_row + t[:, None] * stride_yt + offs_c[None, :], y,
+                             mask=valid[:, None] & mask_c[None, :])
+                # Tokens in no slot (slot outside [0, T'), listed after the last slot's members):
+                # zeros, written by the program of the last slot block.
+                if pid % n_blocks == n_blocks - 1:
+                    tail = tl.minimum(tl.maximum(tl.load(starts_ptr + b * (T_out + 1) + T_out), 0), T)
+                    for t0 in range(tail, T, BLOCK_S):
+                        offs_t = t0 + tl.arange(0, BLOCK_S)
+                        in_t = offs_t < T
+                        t = tl.minimum(tl.maximum(tl.load(order_ptr + b * T + offs_t, mask=in_t, other=0), 0), T - 1)
+                        tl.store(normed_row + t[:, None] * stride_yt + offs_c[None, :],
+                                 tl.zeros([BLOCK_S, BLOCK_C], normed_ptr.dtype.element_ty),
+                                 mask=in_t[:, None] & mask_c[None, :])
+            else:
+                tl.store(normed_row + offs_s[:, None] * stride_yt + offs_c[None, :], y,
+                         mask=mask_s[:, None] & mask_c[None, :])
 
     # Per-slot results depend on b only: the programs of head 0, first channel split.
     if (h == 0) & (split == 0):
-        tl.store(new_size_ptr + b * T_out + offs_s, s_sum, mask=mask_s)
-        if MODE != 2:
-            tl.store(den_ptr + b * T_out + offs_s, w_sum, mask=mask_s)
+        if WRITE_SIZES:
+            tl.store(new_size_ptr + b * T_out + offs_s, s_sum, mask=mask_s)
+            if MODE != 2:
+                tl.store(den_ptr + b * T_out + offs_s, w_sum.to(tl.float32), mask=mask_s)
         if HAS_SOURCE:
             src_row = src_ptr + b * stride_nb
             dst_row = new_src_ptr + (b * T_out + offs_s[:, None]) * N
