@@ -87,19 +87,30 @@ def _merge_kernel(
 ):
     # Axis 0: (row of the leading dims, slot block); rows are (b, h) with h < H, so the
     # same kernel merges tokens (H = 1) and per-head query rows (dest is per b).
-    n_blocks = tl.cdiv(T_out, BLOCK_S)
+    # With the LayerNorm at the tokens, one more slot, T', lists the tokens in no slot (the
+    # slot index puts them after the last slot's members, up to T): the program that holds
+    # it writes their zero rows in the same member walk as the real slots' rows.
+    if NORM_AT_TOKENS:
+        n_blocks = tl.cdiv(T_out + 1, BLOCK_S)
+    else:
+        n_blocks = tl.cdiv(T_out, BLOCK_S)
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row = pid // n_blocks
     b = row // H
     h = row % H
     offs_s = (pid % n_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask_s = offs_s < T_out
+    mask_s = offs_s < T_out  # the real slots: every store of a slot's row or scalars
     bounds = starts_ptr + b * (T_out + 1) + offs_s
     # Clamped: a caller's precomputed slot index (``slots=``) is not checked (a host sync),
     # so wrong values give wrong numbers but never a read outside order, x, size, source.
-    start = tl.minimum(tl.maximum(tl.load(bounds, mask=mask_s, other=0), 0), T)
-    count = tl.minimum(tl.maximum(tl.load(bounds + 1, mask=mask_s, other=0), start), T) - start
+    if NORM_AT_TOKENS:
+        start = tl.minimum(tl.maximum(tl.load(bounds, mask=offs_s <= T_out, other=0), 0), T)
+        end = tl.where(offs_s == T_out, T, tl.load(bounds + 1, mask=mask_s, other=0))
+    else:
+        start = tl.minimum(tl.maximum(tl.load(bounds, mask=mask_s, other=0), 0), T)
+        end = tl.load(bounds + 1, mask=mask_s, other=0)
+    count = tl.minimum(tl.maximum(end, start), T) - start
     steps = tl.max(count, axis=0)  # members of the block's largest slot
     members = order_ptr + b * T + start
     size_row = size_ptr + b * stride_sb
@@ -184,24 +195,15 @@ def _merge_kernel(
             y = (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(normed_ptr.dtype.element_ty)
             normed_row = normed_ptr + b * stride_yb
             if NORM_AT_TOKENS:
-                # Every member token gets its slot's row: slots own disjoint members, so each
-                # position is written once (by the program that walked it above).
+                # Every member token gets its slot's row, and the tokens of slot T' (in no
+                # slot) zeros: slots own disjoint members, so each position is written once,
+                # by the program that walked it above.
+                y = tl.where(mask_s[:, None], y, 0.0)
                 for k in range(0, steps):
                     valid = k < count
                     t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
                     tl.store(normed_row + t[:, None] * stride_yt + offs_c[None, :], y,
                              mask=valid[:, None] & mask_c[None, :])
-                # Tokens in no slot (slot outside [0, T'), listed after the last slot's members):
-                # zeros, written by the program of the last slot block.
-                if pid % n_blocks == n_blocks - 1:
-                    tail = tl.minimum(tl.maximum(tl.load(starts_ptr + b * (T_out + 1) + T_out), 0), T)
-                    for t0 in range(tail, T, BLOCK_S):
-                        offs_t = t0 + tl.arange(0, BLOCK_S)
-                        in_t = offs_t < T
-                        t = tl.minimum(tl.maximum(tl.load(order_ptr + b * T + offs_t, mask=in_t, other=0), 0), T - 1)
-                        tl.store(normed_row + t[:, None] * stride_yt + offs_c[None, :],
-                                 tl.zeros([BLOCK_S, BLOCK_C], normed_ptr.dtype.element_ty),
-                                 mask=in_t[:, None] & mask_c[None, :])
             else:
                 tl.store(normed_row + offs_s[:, None] * stride_yt + offs_c[None, :], y,
                          mask=mask_s[:, None] & mask_c[None, :])

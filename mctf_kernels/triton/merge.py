@@ -28,6 +28,14 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
               torch.float64: tl.float64}
 
 
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch.promote_types of two floating dtypes, in Python (the torch op is a dispatcher call
+    that the static report would count as a kernel)."""
+    if a == b:
+        return a
+    return torch.float64 if torch.float64 in (a, b) else torch.float32
+
+
 def launch_merge(
     x: torch.Tensor,
     dest: torch.Tensor,
@@ -87,8 +95,8 @@ def launch_merge(
         if tuple(res.shape) != (B, t_out, C) or (scale is not None and tuple(scale.shape) != (C,)):
             raise ValueError(f"residual must be ({B}, {t_out}, {C}) and its scale ({C},)")
         res = last_dim_unit(res)
-        scaled_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
-        out_dtype = torch.promote_types(res.dtype, scaled_dtype)
+        scaled_dtype = x.dtype if scale is None else _promote(x.dtype, scale.dtype)
+        out_dtype = _promote(res.dtype, scaled_dtype)
         wide = torch.float64 in (x.dtype, res.dtype, scaled_dtype)
         scale_arg = scale.contiguous() if scale is not None else res  # placeholder, never read
         residual_args = (res, res.stride(0), res.stride(1), scale_arg)
@@ -140,7 +148,9 @@ def launch_merge(
     else:
         norm_args = (new_size, new_size, new_size, 0, 0, 0.0)  # placeholders, never read
     cfg = merge_config(device, B * H, T, t_out, C, N, whole_rows=has_norm)
-    grid = (B * H * triton.cdiv(t_out, cfg["BLOCK_S"]), cfg["SPLIT_C"])
+    # at the tokens, one more slot (T': the tokens in no slot, zero rows; see the kernel)
+    n_slots = t_out + 1 if has_norm and norm_at_tokens else t_out
+    grid = (B * H * triton.cdiv(n_slots, cfg["BLOCK_S"]), cfg["SPLIT_C"])
     wrap(_merge_kernel)[grid](
         x, sxb, sxh, sxt, sxc, sxg,
         order, starts,
