@@ -108,7 +108,7 @@ def test_norm_at_tokens_writes_every_token_and_nothing_else(device, triton_backe
     nothing outside it is. Out-of-range slots: negative, past T', past int32."""
     from mctf_kernels.triton.merge import launch_merge
 
-    B, T, C, t_out = 2, 197, 96, 130
+    B, T, C, t_out = 2, 197, 100, 130  # C = 100: one chunk of 128, channels masked
     dest = torch.cat([torch.arange(t_out), torch.randint(0, t_out, (T - t_out,))]).expand(B, T).clone().to(device)
     dest[0, 150:160] = -3
     dest[1, 140:150] = t_out + 5
@@ -290,3 +290,14 @@ def test_epilogues_empty_batch(device, triton_backend):
     out = mk.merge(y, dest, 3, mode=3, residual=x1, residual_scale=w,
                    norm=mk.MergeNorm(w, b, 1e-6, torch.float32, at_tokens=True))
     assert out[0].shape == (0, 3, C) and out[3].shape == (0, 5, C)
+
+
+def test_row_chunks():
+    """Whole rows as chunks of a power of two dividing C (no padded lanes), else one padded chunk."""
+    from mctf_kernels.triton.configs import merge_row_chunks
+
+    assert merge_row_chunks(384) == (128, 3) and merge_row_chunks(192) == (64, 3)
+    assert merge_row_chunks(768) == (256, 3) and merge_row_chunks(1280) == (256, 5)
+    assert merge_row_chunks(1024) == (1024, 1) and merge_row_chunks(64) == (64, 1)
+    assert merge_row_chunks(100) == (128, 1) and merge_row_chunks(8) == (16, 1)
+    assert merge_row_chunks(144) == (256, 1)  # 9 chunks of 16: more than 8

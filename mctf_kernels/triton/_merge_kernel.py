@@ -54,6 +54,49 @@ def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
 
 
 @triton.jit
+def _rows_mask(rows, offs_c, C, EVEN_C: tl.constexpr):
+    """Mask of a (slots, channels) tile: the rows', and the channels' unless C fills the tile."""
+    if EVEN_C:
+        return rows[:, None]
+    else:
+        return rows[:, None] & (offs_c < C)[None, :]
+
+
+@triton.jit
+def _load_channels(ptrs, offs_c, C, EVEN_C: tl.constexpr):
+    """A per-channel vector (weights, bias, scale): unmasked when C fills the chunks."""
+    if EVEN_C:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_c < C, other=0.0)
+
+
+@triton.jit
+def _pooled_rows(acc, den, count, mask_s, x_dtype: tl.constexpr, out_dtype: tl.constexpr,
+                 res_ptrs, scale_ptrs, offs_c, C,
+                 MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 SCALED_DTYPE: tl.constexpr, EPI_DTYPE: tl.constexpr, EVEN_C: tl.constexpr):
+    """The slots' pooled rows from their sums (as stored in out's dtype), with the residual
+    epilogue: each rounding of the eager ops, x' in x's dtype, the product in SCALED_DTYPE,
+    the sum in out's dtype (half types computed in float32, as torch does)."""
+    if MODE == 2:
+        acc = tl.where(count[:, None] > 0, acc, float("nan"))  # an empty slot: NaN, like the reference
+    else:
+        # an empty slot gives 0/0 = NaN, like the reference (padding rows divide by 1)
+        acc = acc / tl.where(mask_s, den, 1.0)[:, None]
+    if HAS_RESIDUAL:
+        x_new = acc.to(x_dtype).to(EPI_DTYPE)
+        if HAS_SCALE:
+            gamma = _load_channels(scale_ptrs, offs_c, C, EVEN_C).to(EPI_DTYPE)
+            x_new = (x_new * gamma[None, :]).to(SCALED_DTYPE).to(EPI_DTYPE)
+        res = tl.load(res_ptrs, mask=_rows_mask(mask_s, offs_c, C, EVEN_C), other=0.0).to(EPI_DTYPE)
+        x_new = (res + x_new).to(out_dtype)
+    else:
+        x_new = acc.to(out_dtype)
+    return x_new
+
+
+@triton.jit
 def _merge_kernel(
     x_ptr, stride_xb, stride_xh, stride_xt, stride_xc,
     stride_xg,  # GROUP_C > 0: x's channel c lives at (c // GROUP_C) * stride_xg + (c % GROUP_C) * stride_xc
@@ -77,13 +120,14 @@ def _merge_kernel(
     BLOCK_T: tl.constexpr,  # sizes per step of the row maximum
     SPLIT_C: tl.constexpr,  # programs sharing one slot block's channels
     GROUP_C: tl.constexpr = 0,  # > 0: channels are groups of GROUP_C (e.g. heads of (B, H, T, D) rows)
-    HAS_NORM: tl.constexpr = False,  # also LayerNorm(x') (the launcher makes BLOCK_C >= C, SPLIT_C == 1)
+    HAS_NORM: tl.constexpr = False,  # also LayerNorm(x'): whole rows, NCHUNK x BLOCK_C >= C channels, SPLIT_C == 1
+    NCHUNK: tl.constexpr = 1,  # HAS_NORM: channel chunks per row
+    EVEN_C: tl.constexpr = False,  # HAS_NORM: NCHUNK * BLOCK_C == C
     NORM_AT_TOKENS: tl.constexpr = False,  # the LayerNorm's rows go to every member token (B, T, C)
     HAS_RESIDUAL: tl.constexpr = False,  # out = residual + [scale *] x' (3-d x, weighted modes)
     HAS_SCALE: tl.constexpr = False,
     SCALED_DTYPE: tl.constexpr = tl.float32,  # torch's result dtype of scale * x' (rounded to it)
     EPI_DTYPE: tl.constexpr = tl.float32,  # the epilogues' arithmetic: float64 when an operand is
-    WRITE_SIZES: tl.constexpr = True,  # False: size' and the weight sums are not stored
 ):
     # Axis 0: (row of the leading dims, slot block); rows are (b, h) with h < H, so the
     # same kernel merges tokens (H = 1) and per-head query rows (dest is per b).
@@ -138,82 +182,123 @@ def _merge_kernel(
 
     x_row = x_ptr + b * stride_xb + h * stride_xh
     out_row = out_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_ot
-    for c0 in range(split * BLOCK_C, C, SPLIT_C * BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        if GROUP_C > 0:  # x's channels in groups, out's contiguous: one program covers every head
-            x_c = (offs_c // GROUP_C) * stride_xg + (offs_c % GROUP_C) * stride_xc
-        else:
-            x_c = offs_c * stride_xc
-        if MODE == 2:
-            acc = tl.full([BLOCK_S, BLOCK_C], float("-inf"), ACC_DTYPE)
-        else:
-            acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
+    res_row = res_ptr + b * stride_rb + offs_s[:, None] * stride_rt
+    if HAS_NORM:
+        # Whole rows: NCHUNK chunks of BLOCK_C channels held together (C = 384 is 3 x 128: no
+        # padded lanes; EVEN_C: no channel masks), each pooled exactly as the loop below pools it.
+        accs = ()
+        for j in tl.static_range(NCHUNK):
+            if MODE == 2:
+                accs = accs + (tl.full([BLOCK_S, BLOCK_C], float("-inf"), ACC_DTYPE),)
+            else:
+                accs = accs + (tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE),)
         for k in range(0, steps):
             valid = k < count
             t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
-            xv = tl.load(x_row + t[:, None] * stride_xt + x_c[None, :],
-                         mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
-            if MODE == 2:
-                # torch's amax propagates NaN; so do we.
-                acc = tl.where(valid[:, None], tl.maximum(acc, xv, propagate_nan=tl.PropagateNan.ALL), acc)
-            else:
+            if MODE != 2:
                 _s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
-                w = w * keep + unw  # xv is 0 where not valid
-                acc += xv * w[:, None]
-        if MODE == 2:
-            acc = tl.where(count[:, None] > 0, acc, float("nan"))  # an empty slot: NaN, like the reference
+                w = w * keep + unw
+            new = ()
+            for j in tl.static_range(NCHUNK):
+                offs_c = j * BLOCK_C + tl.arange(0, BLOCK_C)
+                xv = tl.load(x_row + t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
+                             mask=_rows_mask(valid, offs_c, C, EVEN_C), other=0.0).to(ACC_DTYPE)
+                if MODE == 2:
+                    a = tl.where(valid[:, None], tl.maximum(accs[j], xv, propagate_nan=tl.PropagateNan.ALL), accs[j])
+                else:
+                    a = accs[j] + xv * w[:, None]
+                new = new + (a,)
+            accs = new
+        # The stored rows, then LayerNorm of them as stored (rounded to out's dtype), in
+        # EPI_DTYPE, two-pass (mean, then centred variance) like torch's.
+        rows = ()
+        total = tl.zeros([BLOCK_S], EPI_DTYPE)
+        for j in tl.static_range(NCHUNK):
+            offs_c = j * BLOCK_C + tl.arange(0, BLOCK_C)
+            x_new = _pooled_rows(accs[j], den, count, mask_s, x_ptr.dtype.element_ty, out_ptr.dtype.element_ty,
+                                 res_row + offs_c[None, :], scale_ptr + offs_c, offs_c, C,
+                                 MODE, HAS_RESIDUAL, HAS_SCALE, SCALED_DTYPE, EPI_DTYPE, EVEN_C)
+            tl.store(out_row + offs_c[None, :], x_new, mask=_rows_mask(mask_s, offs_c, C, EVEN_C))
+            xr = x_new.to(EPI_DTYPE)
+            if not EVEN_C:
+                xr = tl.where((offs_c < C)[None, :], xr, 0.0)
+            total += tl.sum(xr, axis=1)
+            rows = rows + (xr,)
+        mean = total / C
+        sq = tl.zeros([BLOCK_S], EPI_DTYPE)
+        centred = ()
+        for j in tl.static_range(NCHUNK):
+            offs_c = j * BLOCK_C + tl.arange(0, BLOCK_C)
+            xc = rows[j] - mean[:, None]
+            if not EVEN_C:
+                xc = tl.where((offs_c < C)[None, :], xc, 0.0)
+            sq += tl.sum(xc * xc, axis=1)
+            centred = centred + (xc,)
+        var = sq / C + eps
+        if EPI_DTYPE == tl.float64:
+            rstd = 1.0 / tl.sqrt(var)  # IEEE in float64
         else:
-            # an empty slot gives 0/0 = NaN, like the reference (padding rows divide by 1)
-            acc = acc / tl.where(mask_s, den, 1.0)[:, None]
-        if HAS_RESIDUAL:
-            # Each rounding of the eager ops: x' in x's dtype, the product in SCALED_DTYPE,
-            # the sum in out's dtype (half types computed in float32, as torch does).
-            x_new = acc.to(x_ptr.dtype.element_ty).to(EPI_DTYPE)
-            if HAS_SCALE:
-                gamma = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(EPI_DTYPE)
-                x_new = (x_new * gamma[None, :]).to(SCALED_DTYPE).to(EPI_DTYPE)
-            res = tl.load(res_ptr + b * stride_rb + offs_s[:, None] * stride_rt + offs_c[None, :],
-                          mask=mask_s[:, None] & mask_c[None, :], other=0.0).to(EPI_DTYPE)
-            x_new = (res + x_new).to(out_ptr.dtype.element_ty)
-        else:
-            x_new = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_row + offs_c[None, :], x_new, mask=mask_s[:, None] & mask_c[None, :])
-        if HAS_NORM:
-            # The whole row is this one chunk: LayerNorm of the row as stored (rounded to
-            # out's dtype), in EPI_DTYPE, two-pass (mean, then centred variance) like torch's.
-            xr = tl.where(mask_c[None, :], x_new.to(EPI_DTYPE), 0.0)
-            mean = tl.sum(xr, axis=1) / C
-            xc = tl.where(mask_c[None, :], xr - mean[:, None], 0.0)
-            var = tl.sum(xc * xc, axis=1) / C + eps
-            if EPI_DTYPE == tl.float64:
-                rstd = 1.0 / tl.sqrt(var)  # IEEE in float64
-            else:
-                rstd = 1.0 / tl.sqrt_rn(var)  # IEEE, not the approximate square root
-            nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0).to(EPI_DTYPE)
-            nb = tl.load(norm_b_ptr + offs_c, mask=mask_c, other=0.0).to(EPI_DTYPE)
-            y = (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(normed_ptr.dtype.element_ty)
-            normed_row = normed_ptr + b * stride_yb
+            rstd = 1.0 / tl.sqrt_rn(var)  # IEEE, not the approximate square root
+        normed = ()
+        for j in tl.static_range(NCHUNK):
+            offs_c = j * BLOCK_C + tl.arange(0, BLOCK_C)
+            nw = _load_channels(norm_w_ptr + offs_c, offs_c, C, EVEN_C).to(EPI_DTYPE)
+            nb = _load_channels(norm_b_ptr + offs_c, offs_c, C, EVEN_C).to(EPI_DTYPE)
+            y = (centred[j] * rstd[:, None] * nw[None, :] + nb[None, :]).to(normed_ptr.dtype.element_ty)
             if NORM_AT_TOKENS:
-                # Every member token gets its slot's row, and the tokens of slot T' (in no
-                # slot) zeros: slots own disjoint members, so each position is written once,
-                # by the program that walked it above.
-                y = tl.where(mask_s[:, None], y, 0.0)
-                for k in range(0, steps):
-                    valid = k < count
-                    t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
-                    tl.store(normed_row + t[:, None] * stride_yt + offs_c[None, :], y,
-                             mask=valid[:, None] & mask_c[None, :])
+                y = tl.where(mask_s[:, None], y, 0.0)  # slot T' (tokens in no slot): zeros
+            normed = normed + (y,)
+        normed_row = normed_ptr + b * stride_yb
+        if NORM_AT_TOKENS:
+            # Every member token gets its slot's row: slots own disjoint members, so each
+            # position is written once, by the program that walked it above.
+            for k in range(0, steps):
+                valid = k < count
+                t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+                for j in tl.static_range(NCHUNK):
+                    offs_c = j * BLOCK_C + tl.arange(0, BLOCK_C)
+                    tl.store(normed_row + t[:, None] * stride_yt + offs_c[None, :], normed[j],
+                             mask=_rows_mask(valid, offs_c, C, EVEN_C))
+        else:
+            for j in tl.static_range(NCHUNK):
+                offs_c = j * BLOCK_C + tl.arange(0, BLOCK_C)
+                tl.store(normed_row + offs_s[:, None] * stride_yt + offs_c[None, :], normed[j],
+                         mask=_rows_mask(mask_s, offs_c, C, EVEN_C))
+    else:
+        for c0 in range(split * BLOCK_C, C, SPLIT_C * BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            if GROUP_C > 0:  # x's channels in groups, out's contiguous: one program covers every head
+                x_c = (offs_c // GROUP_C) * stride_xg + (offs_c % GROUP_C) * stride_xc
             else:
-                tl.store(normed_row + offs_s[:, None] * stride_yt + offs_c[None, :], y,
-                         mask=mask_s[:, None] & mask_c[None, :])
+                x_c = offs_c * stride_xc
+            if MODE == 2:
+                acc = tl.full([BLOCK_S, BLOCK_C], float("-inf"), ACC_DTYPE)
+            else:
+                acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
+            for k in range(0, steps):
+                valid = k < count
+                t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+                xv = tl.load(x_row + t[:, None] * stride_xt + x_c[None, :],
+                             mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
+                if MODE == 2:
+                    # torch's amax propagates NaN; so do we.
+                    acc = tl.where(valid[:, None], tl.maximum(acc, xv, propagate_nan=tl.PropagateNan.ALL), acc)
+                else:
+                    _s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE,
+                                             HAS_SIZE)
+                    w = w * keep + unw  # xv is 0 where not valid
+                    acc += xv * w[:, None]
+            x_new = _pooled_rows(acc, den, count, mask_s, x_ptr.dtype.element_ty, out_ptr.dtype.element_ty,
+                                 res_row + offs_c[None, :], scale_ptr + offs_c, offs_c, C,
+                                 MODE, HAS_RESIDUAL, HAS_SCALE, SCALED_DTYPE, EPI_DTYPE, False)
+            tl.store(out_row + offs_c[None, :], x_new, mask=mask_s[:, None] & mask_c[None, :])
 
     # Per-slot results depend on b only: the programs of head 0, first channel split.
     if (h == 0) & (split == 0):
-        if WRITE_SIZES:
-            tl.store(new_size_ptr + b * T_out + offs_s, s_sum, mask=mask_s)
-            if MODE != 2:
-                tl.store(den_ptr + b * T_out + offs_s, w_sum.to(tl.float32), mask=mask_s)
+        tl.store(new_size_ptr + b * T_out + offs_s, s_sum, mask=mask_s)
+        if MODE != 2:
+            tl.store(den_ptr + b * T_out + offs_s, w_sum.to(tl.float32), mask=mask_s)
         if HAS_SOURCE:
             src_row = src_ptr + b * stride_nb
             dst_row = new_src_ptr + (b * T_out + offs_s[:, None]) * N

@@ -51,7 +51,6 @@ def launch_merge(
     norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = None,
     norm_at_tokens: bool = False,
     residual: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
-    write_sizes: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch (two
     when ``slots``, the slot index (order, starts) of dest, is not given).
@@ -67,8 +66,7 @@ def launch_merge(
     ``normed`` is (B, T, C) and each token's row is its slot's (zeros for a token in no slot).
     ``residual = (res, scale)``: x' becomes res + scale * x' (res (B, T', C), scale (C,) or
     None; 3-d x, weighted modes), rounded as ``merge_residual_reference``; out's dtype is
-    torch's result dtype of that expression. ``write_sizes=False``: size' and den are left
-    unset (a second merge by the same slot map already has them).
+    torch's result dtype of that expression.
     """
     x = last_dim_unit(x)
     group, sxg = 0, 0
@@ -164,7 +162,8 @@ def launch_merge(
         H, T, t_out, C, N,
         MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
         ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, GROUP_C=group, HAS_NORM=has_norm,
-        NORM_AT_TOKENS=has_norm and norm_at_tokens, WRITE_SIZES=write_sizes, **epi,
+        NORM_AT_TOKENS=has_norm and norm_at_tokens,
+        EVEN_C=has_norm and cfg["BLOCK_C"] * cfg.get("NCHUNK", 1) == C, **epi,
         **cfg,
     )
     return out, new_size, new_source, den
