@@ -133,8 +133,11 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
     BLOCK_C is the largest power of two up to 128 that divides C (no idle lanes at
     C = 192, 384, 768, ...). Four slots per program: on sm_90 the kernel's registers
     grow with the slots per program, not the channels (ptxas, 4 warps, fp16: 4 slots 48
-    registers, 8 slots 110, 16 slots ~200 with spills in max pooling). When the grid is
-    small (batch 1) the channels are split across programs (SPLIT_C) to fill the GPU.
+    registers, 8 slots 110, 16 slots ~200 with spills in max pooling). Two warps (48
+    registers, 62.5% occupancy): every warp repeats the slots' scalar work, so 4 warps issue
+    ~80% more (DeiT-S fp16 B = 256, static estimate: ~24 us issue against ~28 us memory on 2
+    warps, ~45 us issue on 4). When the grid is small (batch 1) the channels are split across
+    programs (SPLIT_C) to fill the GPU.
     ``whole_rows`` (the LayerNorm of x' folded in): no split, each program holds its
     slots' whole rows as NCHUNK chunks of BLOCK_C channels (``merge_row_chunks``).
     """
@@ -179,7 +182,7 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
     while split < chunks and rows * triton.cdiv(t_out, block_s) * split < min_programs:
         split *= 2
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_N=128, BLOCK_T=128, SPLIT_C=min(split, chunks),
-                num_warps=4 if block_s * block_c >= 512 else 2)
+                num_warps=2)
 
 
 def merge_backward_config(device: torch.device, rows: int, T: int, C: int, mode: int = 1) -> dict:
