@@ -88,6 +88,19 @@ def test_norm_at_tokens(device, triton_backend, gpu, dtype, norm_dtype, mode):
 
 
 @GPU
+def test_norm_at_tokens_max_pooling(device, triton_backend, gpu):
+    """Max pooling (mode 2) keeps today's path in the model, but the option works there too."""
+    B, T, C = 2, 197, 192
+    y, dest, t_out, received, size, *_, weight, bias = _inputs(B, T, C, torch.float32, device)
+    norm = mk.MergeNorm(weight, bias, 1e-6, torch.float32, at_tokens=True)
+    with torch.no_grad(), _config(gpu):
+        got = mk.merge(y, dest, t_out, size, received, mode=2, norm=norm)
+        slots = mk.merge(y, dest, t_out, size, received, mode=2, norm=norm._replace(at_tokens=False))
+    assert torch.equal(got[0], mk.merge_reference(y, dest, t_out, mode=2)[0])
+    assert torch.equal(got[3], at_token_positions(slots[3], dest))
+
+
+@GPU
 def test_norm_at_tokens_577(device, triton_backend, gpu):
     """T = 577 (ViT at 384 px): many slot blocks per image, slots with several members."""
     B, T, C = 1, 577, 64
