@@ -127,14 +127,48 @@ def merge_reference(
 class MergeNorm(NamedTuple):
     """A LayerNorm applied to the merged tokens in the same pass (``merge(..., norm=)``):
     ``LayerNorm(x')`` over the channels with ``weight``, ``bias`` (C,) and ``eps``, returned
-    in ``dtype`` (e.g. the autocast dtype the next projection casts to)."""
+    in ``dtype`` (e.g. the autocast dtype the next projection casts to).
+
+    ``at_tokens``: return it at the input token positions, (B, T, C) with row t =
+    LayerNorm(x')[dest[t]] (what a projection of the pre-fusion rows reads: each token
+    gets its slot's row; a token whose slot is outside [0, T') gets zeros), instead of
+    one row per slot (B, T', C) (docs/algorithm.md, "One-step-ahead attention")."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     eps: float
     dtype: torch.dtype
+    at_tokens: bool = False
 
 
-def merge_norm_reference(x_new: torch.Tensor, norm: MergeNorm) -> torch.Tensor:
-    """LayerNorm of the merged tokens x' (as stored, in x's dtype), cast to ``norm.dtype``."""
-    return F.layer_norm(x_new, (x_new.shape[-1],), norm.weight, norm.bias, norm.eps).to(norm.dtype)
+def at_token_positions(rows: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """rows (B, T', C) -> (B, T, C): token t gets row dest[t]; zeros where dest[t] is not
+    in [0, T') (such a token is in no slot)."""
+    B, T = dest.shape
+    t_out, C = rows.shape[-2:]
+    dest = dest.long()
+    inside = (dest >= 0) & (dest < t_out)
+    picked = rows.gather(1, dest.clamp(0, max(t_out - 1, 0))[:, :, None].expand(B, T, C))
+    return torch.where(inside[:, :, None], picked, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+def merge_norm_reference(x_new: torch.Tensor, norm: MergeNorm, dest: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LayerNorm of the merged tokens x' (as stored, in x's dtype), cast to ``norm.dtype``;
+    with ``norm.at_tokens`` at the token positions of ``dest`` (``at_token_positions``)."""
+    normed = F.layer_norm(x_new, (x_new.shape[-1],), norm.weight, norm.bias, norm.eps).to(norm.dtype)
+    if not norm.at_tokens:
+        return normed
+    if dest is None:
+        raise ValueError("MergeNorm(at_tokens=True) needs the slot map dest")
+    return at_token_positions(normed, dest)
+
+
+def merge_residual_reference(
+    x_new: torch.Tensor, residual: torch.Tensor, residual_scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The residual epilogue ``residual + residual_scale * x'`` as the eager block computes
+    it (timm's LayerScale, then the residual add): x' as stored (the row merge rounded to
+    its input's dtype), the product rounded to torch's result dtype of (x', scale), the sum
+    to that of (residual, product). ``residual_scale`` None: no scale (``residual + x'``)."""
+    scaled = x_new if residual_scale is None else x_new * residual_scale
+    return residual + scaled

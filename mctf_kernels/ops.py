@@ -45,7 +45,7 @@ from .attention import (
     fusion_attention_rows_reference,
 )
 from .match import _check_r, match_reference
-from .merge import MergeNorm, merge_norm_reference, merge_reference
+from .merge import MergeNorm, merge_norm_reference, merge_reference, merge_residual_reference
 from .slots import SlotIndex, slot_index_reference
 from .scores import check_score
 
@@ -168,11 +168,21 @@ def merge(
     slots: Optional[SlotIndex] = None,
     validate: Optional[bool] = None,
     norm: Optional[MergeNorm] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Pool tokens sharing a slot. Returns (x' (B, T', C), size' (B, T') float32,
     source' (B, T', N) or None), and with ``norm`` a fourth item, LayerNorm(x') in
-    ``norm.dtype`` (the Triton path computes it in the merge's own pass when no gradient
-    is needed; docs/algorithm.md, "One-step-ahead attention"). ``size=None`` means all ones.
+    ``norm.dtype``: (B, T', C), or with ``norm.at_tokens`` (B, T, C), row t being its slot
+    dest[t]'s (zeros for a token whose slot is outside [0, T')). The Triton path computes it
+    in the merge's own pass when no gradient is needed (docs/algorithm.md, "One-step-ahead
+    attention"). ``size=None`` means all ones.
+
+    Residual epilogue (weighted modes 0, 1, 3): with ``residual`` (B, T', C) the first item is
+    ``residual + residual_scale * x'`` instead (``residual_scale`` (C,), e.g. timm's
+    LayerScale gamma, or None for no scale), rounded as the eager ops would round it
+    (``merge_residual_reference``), and ``norm`` normalises that sum. A slot's weights sum to 1,
+    so merging the rows of an affine map (a projection) equals the map of the merged rows.
 
     A slot whose pooling weights sum to exactly 0 (e.g. every member received 0.0
     attention) is the unweighted mean of its members; a NaN or inf in a token reaches
@@ -192,18 +202,25 @@ def merge(
     check_source(source, B, T, x.device)
     check_slot_index(slots, B, T, t_out, x.device)
     _check_merge_norm(norm, x)
+    _check_merge_residual(residual, residual_scale, x, t_out, mode)
     if validation_requested(validate):
         check_dest_values(dest, t_out)
         check_finite("x", x)
         check_sizes_positive("size", size)
         check_received("attn_received", attn_received)
-    launcher = dispatch.select("merge", x.device, _interpreter_bf16_reason(x.device, (x, size, attn_received, source)))
+    launcher = dispatch.select("merge", x.device, _interpreter_bf16_reason(
+        x.device, (x, size, attn_received, source, residual, residual_scale)))
     if launcher is None or B == 0:
         merged = merge_reference(x, dest, t_out, size, attn_received, mode=mode, source=source)
-        return merged if norm is None else (*merged, merge_norm_reference(merged[0], norm))
-    if norm is None:
-        return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots)
-    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots, norm=norm)
+        if residual is not None:
+            merged = (merge_residual_reference(merged[0], residual, residual_scale), *merged[1:])
+        return merged if norm is None else (*merged, merge_norm_reference(merged[0], norm, dest))
+    extra = {}  # only what is given: a launcher without the epilogues still takes a plain call
+    if norm is not None:
+        extra["norm"] = norm
+    if residual is not None:
+        extra.update(residual=residual, residual_scale=residual_scale)
+    return launcher(x, dest, t_out, size, attn_received, mode=mode, source=source, slots=slots, **extra)
 
 
 def _check_merge_norm(norm: Optional[MergeNorm], x: torch.Tensor) -> None:
@@ -219,6 +236,28 @@ def _check_merge_norm(norm: Optional[MergeNorm], x: torch.Tensor) -> None:
         raise ValueError(f"norm.eps must be a finite number >= 0, got {norm.eps!r}")
     if norm.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"norm.dtype must be a floating dtype, got {norm.dtype}")
+    if not isinstance(norm.at_tokens, bool):
+        raise TypeError(f"norm.at_tokens must be a bool, got {norm.at_tokens!r}")
+
+
+def _check_merge_residual(residual, residual_scale, x: torch.Tensor, t_out: int, mode: int) -> None:
+    if residual is None:
+        if residual_scale is not None:
+            raise ValueError("residual_scale needs residual")
+        return
+    if mode == 2:
+        raise ValueError("residual= needs a weighted pooling mode (0, 1, 3); max pooling (mode 2) has no residual "
+                         "epilogue (a maximum does not commute with the projection before it)")
+    B, _, C = x.shape
+    if not isinstance(residual, torch.Tensor) or not residual.is_floating_point():
+        raise TypeError(f"residual must be a floating tensor, got {type(residual).__name__}")
+    if tuple(residual.shape) != (B, t_out, C) or residual.device != x.device:
+        raise ValueError(f"residual must have shape (B, T', C) = ({B}, {t_out}, {C}) on {x.device}, "
+                         f"got {tuple(residual.shape)} on {residual.device}")
+    if residual_scale is not None and (
+            not isinstance(residual_scale, torch.Tensor) or not residual_scale.is_floating_point()
+            or tuple(residual_scale.shape) != (C,) or residual_scale.device != x.device):
+        raise ValueError(f"residual_scale must be a floating ({C},) tensor on {x.device} or None")
 
 
 def attention_received(attn: torch.Tensor, *, validate: Optional[bool] = None) -> torch.Tensor:

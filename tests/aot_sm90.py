@@ -43,6 +43,8 @@ INT64_POINTERS = {"dest_ptr", "order_ptr", "starts_ptr"}
 def compile_kernel(fn, constexprs, dtype="fp32", data_pointers=(), num_warps=4, num_stages=None, maxnreg=None):
     """Kernel arguments by the kernels' naming convention: ``*_ptr`` pointers (the
     ``data_pointers`` in ``dtype``), the temperatures/scale fp32, every other scalar i32."""
+    # constexprs left out take their defaults, as a launch would (not i32 arguments)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -161,8 +163,22 @@ def main() -> int:
         cfg = dict(merge_config(GPU, B, 197, 181, C, 0, whole_rows=True))
         warps = cfg.pop("num_warps")
         compile_kernel(GK._merge_kernel, dict(MODE=mode, HAS_SIZE=True, HAS_SOURCE=False, ACC_DTYPE=tl.float32,
-                                              HAS_NORM=True, **cfg),
+                                              HAS_NORM=True, EVEN_C=cfg["BLOCK_C"] * cfg["NCHUNK"] == C, **cfg),
                        dtype, ("x_ptr", "out_ptr", "norm_w_ptr", "norm_b_ptr", "normed_ptr"), warps)
+        count += 1
+    # the inference epilogues: the LayerNorm at the token positions; the residual (+ layer scale)
+    # with LN2; DeiT-T/S, ViT-B/L widths and a masked one (C = 100)
+    for dtype, C, at_tokens, residual in itertools.product(dtypes, (192, 384, 768, 1024, 100), (False, True),
+                                                           (False, True)):
+        cfg = dict(merge_config(GPU, 256, 197, 181, C, 0, whole_rows=True))
+        warps = cfg.pop("num_warps")
+        tl_dtype = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
+        compile_kernel(GK._merge_kernel, dict(MODE=1, HAS_SIZE=True, HAS_SOURCE=False, ACC_DTYPE=tl.float32,
+                                              HAS_NORM=True, NORM_AT_TOKENS=at_tokens, HAS_RESIDUAL=residual,
+                                              HAS_SCALE=residual, SCALED_DTYPE=tl_dtype,
+                                              EVEN_C=cfg["BLOCK_C"] * cfg["NCHUNK"] == C, **cfg),
+                       dtype, ("x_ptr", "out_ptr", "norm_w_ptr", "norm_b_ptr", "normed_ptr", "res_ptr", "scale_ptr"),
+                       warps)
         count += 1
     # the row merge of the one-step-ahead output: (B, T, H, D) rows read as one row of H * D channels
     for dtype, mode in itertools.product(dtypes, (0, 1, 3)):

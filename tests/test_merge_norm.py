@@ -3,7 +3,7 @@ the value projection of a one-step-ahead block) computed in the merge kernel's o
 
 Checked against a float64 LayerNorm of the kernel's own x' (which must be bit-identical
 to a merge without the norm), with the interpreter's and the GPU's launch configurations
-(one chunk of 512 channels covering C = 384 and 192, masked).
+(whole rows as 3 chunks of 128 or 64 channels at C = 384 and 192).
 """
 import pytest
 import torch

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import mctf_kernels as mk
 from mctf.config import ToMeConfig
 from mctf.patch.timm import (
-    PATCHED_BLOCKS, TimmBlock, _attention, _check_supported, _heads, _log_size_bias, _output, _install,
+    _PLAIN_LAYER_NORM_FORWARDS, PATCHED_BLOCKS, TimmBlock, _attention, _check_supported, _heads, _log_size_bias,
+    _output, _install,
 )
 from mctf.state import ToMeState
 
@@ -29,7 +30,23 @@ class ToMeBlock(TimmBlock):
     _mctf_index: int
     _mctf_state: ToMeState
 
-    def _merge(self, x: torch.Tensor, metric: torch.Tensor, r: int, state: ToMeState) -> torch.Tensor:
+    def _fused_norm2(self, x: torch.Tensor):
+        """norm2 as a LayerNorm the merge applies in its own pass (inference only, plain
+        LayerNorm only), in the dtype fc1 reads (under autocast: the autocast dtype it would
+        cast to). None: keep norm2."""
+        norm = self.norm2
+        if (torch.is_grad_enabled() or not isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "_fast_norm", False)
+                or type(norm).forward not in _PLAIN_LAYER_NORM_FORWARDS or norm.weight is None or norm.bias is None
+                or tuple(norm.normalized_shape) != (x.shape[-1],)):
+            return None
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        if x.dtype == torch.float64:  # autocast leaves float64 alone
+            dtype = x.dtype
+        return mk.MergeNorm(norm.weight, norm.bias, float(norm.eps), dtype)
+
+    def _merge(self, x: torch.Tensor, metric: torch.Tensor, r: int, state: ToMeState, norm=None):
+        """Merge x; with ``norm`` also returns norm2 of the merged tokens from the merge's pass."""
         cfg = state.config
         B, T, _ = x.shape
         t_out = T - r
@@ -41,10 +58,11 @@ class ToMeBlock(TimmBlock):
             source = state.source
             if source is None:
                 source = torch.eye(T, device=x.device, dtype=x.dtype).expand(B, T, T)
-        x, state.size, new_source = mk.merge(x, dest, t_out, state.size, None, mode=0, source=source, slots=slots)
+        merged = mk.merge(x, dest, t_out, state.size, None, mode=0, source=source, slots=slots, norm=norm)
+        x, state.size, new_source = merged[:3]
         if cfg.trace_source:
             state.source = new_source
-        return x
+        return x, (merged[3] if norm is not None else None)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
         if attn_mask is not None or is_causal or kwargs:
@@ -60,10 +78,12 @@ class ToMeBlock(TimmBlock):
                 dropout_p=attn.attn_drop.p if self.training else 0.0, scale=attn.scale,
             )
             x = x + self.drop_path1(self.ls1(_output(attn, heads)))
-            x = self._merge(x, k.mean(dim=1), r, state)
+            # norm2 of the merged tokens comes from the merge's own pass when it can
+            x, normed = self._merge(x, k.mean(dim=1), r, state, self._fused_norm2(x))
         else:
             x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            normed = None
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x) if normed is None else normed)))
         state.tokens_per_block.append(x.shape[1])
         return x
 

@@ -118,6 +118,17 @@ def slot_index_config(device: torch.device, T: int, t_out: int) -> dict:
     return dict(BLOCK_I=32, BLOCK_J=128, num_warps=4)
 
 
+def merge_row_chunks(C: int) -> tuple:
+    """(BLOCK_C, NCHUNK): a whole row of C channels as NCHUNK <= 8 chunks of a power of two
+    that divides C (C = 384: 3 x 128, no padded lanes, no channel masks), else one chunk
+    padded to a power of two (C = 100: 128)."""
+    full = triton.next_power_of_2(max(C, 16))
+    chunk = C & -C  # the largest power of two dividing C
+    if full != C and chunk >= 16 and C // chunk <= 8:
+        return chunk, C // chunk
+    return full, 1
+
+
 def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N: int,
                  whole_rows: bool = False) -> dict:
     """``_merge_kernel``: BLOCK_S slots x BLOCK_C channels per step, channels looped.
@@ -126,28 +137,41 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
     BLOCK_C is the largest power of two up to 128 that divides C (no idle lanes at
     C = 192, 384, 768, ...). Four slots per program: on sm_90 the kernel's registers
     grow with the slots per program, not the channels (ptxas, 4 warps, fp16: 4 slots 48
-    registers, 8 slots 110, 16 slots ~200 with spills in max pooling). When the grid is
-    small (batch 1) the channels are split across programs (SPLIT_C) to fill the GPU.
-    ``whole_rows`` (the LayerNorm of x' folded in): one chunk covers every channel and no
-    split, so each program holds its slots' whole rows (4 x 512 fp32 at C = 384: 16
-    values per thread on 4 warps; 8 warps from C = 1024).
+    registers, 8 slots 110, 16 slots ~200 with spills in max pooling). Two warps (48
+    registers, 62.5% occupancy): every warp repeats the slots' scalar work, so 4 warps issue
+    ~80% more (DeiT-S fp16 B = 256, static estimate: ~24 us issue against ~28 us memory on 2
+    warps, ~45 us issue on 4). When the grid is small (batch 1) the channels are split across
+    programs (SPLIT_C) to fill the GPU.
+    ``whole_rows`` (the LayerNorm of x' folded in): no split, each program holds its
+    slots' whole rows as NCHUNK chunks of BLOCK_C channels (``merge_row_chunks``).
     """
     if whole_rows:
-        block_c = triton.next_power_of_2(max(C, 16))
+        block_c, nchunk = merge_row_chunks(C)
         if not gpu_configs(device):
-            return dict(BLOCK_S=min(64, triton.next_power_of_2(max(t_out, 1))), BLOCK_C=block_c,
+            return dict(BLOCK_S=min(64, triton.next_power_of_2(max(t_out, 1))), BLOCK_C=block_c, NCHUNK=nchunk,
                         BLOCK_N=triton.next_power_of_2(max(N, 16)), BLOCK_T=triton.next_power_of_2(max(T, 16)),
                         SPLIT_C=1, num_warps=4)
-        # 4 slots per program (80 registers, 6 CTAs/SM). By the static report's estimates
-        # (DeiT-S fp16): 8 slots issue ~8% fewer instructions over a forward but take 157
-        # registers (3 CTAs/SM, 18.75% occupancy, under the 25% target); 2 warps spill,
-        # 16 slots or 8 warps cost more. With fewer programs than SMs (batch 1) the
-        # longest program sets the time, and 2 slots make it ~27% shorter.
-        block_s = 4
-        if block_c <= 512 and rows * triton.cdiv(t_out, 4) < sm_count(device):
+        # sm_90 compiles (fp16, the LayerNorm at the tokens and the residual epilogue; the
+        # static report's estimates, bench/sm90_report.py), by row width W = BLOCK_C * NCHUNK:
+        # - W <= 256 (DeiT-T, C = 192: 3 x 64): 8 slots on 2 warps, 96 registers, 31%, ~20 us
+        #   issue against ~22 us memory at B = 256 (4 slots: ~34 us issue, issue-bound).
+        # - W <= 512 (C = 384: 3 x 128): 4 slots on 2 warps, 96 registers, no spills, 31%
+        #   occupancy; DeiT-S B = 256 ~40 us issue against ~43 us memory (one padded 512-wide
+        #   chunk on 4 warps: ~95 us issue). 4 warps issue 60% more (every warp repeats the
+        #   slots' scalar work); 1 warp takes 158 registers; 8 slots on 2 warps 148 (19%).
+        # - W = 768 (3 x 256): 8 slots on 8 warps, 107 registers, 25%, memory-bound; 4 slots on
+        #   4 warps spill 8 B, on 2 warps take 147 registers (19%).
+        # - W >= 1024 (ViT-L): 4 slots on 4 warps, 80 registers, 37.5%, no spills; ViT-L/16@384
+        #   B = 32 ~48 us issue against ~42 us memory (2 warps: memory-bound but 168
+        #   registers, 19% occupancy).
+        # With fewer programs than SMs (batch 1) the longest program sets the time: 2 slots.
+        width = block_c * nchunk
+        block_s, warps = ((8, 2) if width <= 256 else (4, 2) if width <= 512 else (8, 8) if width <= 768
+                          else (4, 8 if width > 1024 else 4))
+        if width <= 512 and rows * triton.cdiv(t_out, block_s) < sm_count(device):
             block_s = 2
-        return dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_N=128, BLOCK_T=128,
-                    SPLIT_C=1, num_warps=8 if block_c >= 1024 else 4)
+        return dict(BLOCK_S=block_s, BLOCK_C=block_c, NCHUNK=nchunk, BLOCK_N=128, BLOCK_T=128,
+                    SPLIT_C=1, num_warps=warps)
     if not gpu_configs(device):
         return dict(BLOCK_S=min(64, triton.next_power_of_2(max(t_out, 1))), BLOCK_C=triton.next_power_of_2(max(C, 16)),
                     BLOCK_N=triton.next_power_of_2(max(N, 16)), BLOCK_T=triton.next_power_of_2(max(T, 16)),
@@ -162,7 +186,7 @@ def merge_config(device: torch.device, rows: int, T: int, t_out: int, C: int, N:
     while split < chunks and rows * triton.cdiv(t_out, block_s) * split < min_programs:
         split *= 2
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_N=128, BLOCK_T=128, SPLIT_C=min(split, chunks),
-                num_warps=4 if block_s * block_c >= 512 else 2)
+                num_warps=2)
 
 
 def merge_backward_config(device: torch.device, rows: int, T: int, C: int, mode: int = 1) -> dict:

@@ -15,12 +15,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ..merge import MergeNorm, merge_norm_reference, merge_reference, pooling_weights  # noqa: F401  (references)
+from ..merge import (MergeNorm, merge_norm_reference, merge_reference, merge_residual_reference,  # noqa: F401
+                     pooling_weights)
 from ._common import custom_op, device_guard, last_dim_unit, wrap
 from ._merge_backward_kernel import _merge_backward_kernel
 from ._merge_kernel import _merge_kernel
 from .configs import merge_backward_config, merge_config
 from .slots import launch_slot_index
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch.promote_types of two floating dtypes, in Python (the torch op is a dispatcher call
+    that the static report would count as a kernel)."""
+    if a == b:
+        return a
+    return torch.float64 if torch.float64 in (a, b) else torch.float32
 
 
 def launch_merge(
@@ -36,6 +49,8 @@ def launch_merge(
     out: Optional[torch.Tensor] = None,
     grouped: bool = False,
     norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = None,
+    norm_at_tokens: bool = False,
+    residual: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Merge x (B, T, C) or (B, H, T, C) along T by dest (B, T) in one launch (two
     when ``slots``, the slot index (order, starts) of dest, is not given).
@@ -47,7 +62,11 @@ def launch_merge(
     layout the next op reads without a copy. ``grouped``: x is (B, T, G, D) (any strides,
     unit last): its G groups of D channels are merged as one row of C = G * D, out (B, T', C).
     ``norm = (weight, bias, eps, normed)``: also write LayerNorm(x') into ``normed`` (B, T', C)
-    (3-d x only), each row normalised by the program that pooled it.
+    (3-d x only), each row normalised by the program that pooled it; ``norm_at_tokens``:
+    ``normed`` is (B, T, C) and each token's row is its slot's (zeros for a token in no slot).
+    ``residual = (res, scale)``: x' becomes res + scale * x' (res (B, T', C), scale (C,) or
+    None; 3-d x, weighted modes), rounded as ``merge_residual_reference``; out's dtype is
+    torch's result dtype of that expression.
     """
     x = last_dim_unit(x)
     group, sxg = 0, 0
@@ -66,6 +85,24 @@ def launch_merge(
     order, starts = (s.contiguous() for s in slots) if slots is not None else launch_slot_index(dest, t_out)
 
     lead = (B,) if grouped else tuple(x.shape[:-2])
+    has_residual = residual is not None
+    if has_residual:
+        if grouped or x.dim() != 3 or mode == 2:
+            raise ValueError("residual= merges (B, T, C) tokens with a weighted pooling mode (0, 1, 3)")
+        res, scale = residual
+        if tuple(res.shape) != (B, t_out, C) or (scale is not None and tuple(scale.shape) != (C,)):
+            raise ValueError(f"residual must be ({B}, {t_out}, {C}) and its scale ({C},)")
+        res = last_dim_unit(res)
+        scaled_dtype = x.dtype if scale is None else _promote(x.dtype, scale.dtype)
+        out_dtype = _promote(res.dtype, scaled_dtype)
+        wide = torch.float64 in (x.dtype, res.dtype, scaled_dtype)
+        scale_arg = scale.contiguous() if scale is not None else res  # placeholder, never read
+        residual_args = (res, res.stride(0), res.stride(1), scale_arg)
+        epi = dict(HAS_RESIDUAL=True, HAS_SCALE=scale is not None, SCALED_DTYPE=_TL_DTYPES[scaled_dtype],
+                   EPI_DTYPE=tl.float64 if wide else tl.float32)
+    else:
+        residual_args = (x, 0, 0, x)  # placeholders, never read
+        epi = dict(EPI_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32)
     if out is None:
         out = torch.empty(*lead, t_out, C, device=device, dtype=out_dtype or x.dtype)
     elif tuple(out.shape) != (*lead, t_out, C) or out.stride(-1) != 1:
@@ -101,12 +138,17 @@ def launch_merge(
         if grouped or x.dim() != 3:
             raise ValueError("norm= merges (B, T, C) tokens only")
         norm_w, norm_b, eps, normed = norm
+        rows = T if norm_at_tokens else t_out
+        if tuple(normed.shape) != (B, rows, C) or normed.stride(-1) != 1:
+            raise ValueError(f"normed must have shape {(B, rows, C)} and a unit last stride")
         norm_w, norm_b = norm_w.contiguous(), norm_b.contiguous()  # indexed by channel, unit stride
         norm_args = (norm_w, norm_b, normed, normed.stride(0), normed.stride(1), float(eps))
     else:
         norm_args = (new_size, new_size, new_size, 0, 0, 0.0)  # placeholders, never read
     cfg = merge_config(device, B * H, T, t_out, C, N, whole_rows=has_norm)
-    grid = (B * H * triton.cdiv(t_out, cfg["BLOCK_S"]), cfg["SPLIT_C"])
+    # at the tokens, one more slot (T': the tokens in no slot, zero rows; see the kernel)
+    n_slots = t_out + 1 if has_norm and norm_at_tokens else t_out
+    grid = (B * H * triton.cdiv(n_slots, cfg["BLOCK_S"]), cfg["SPLIT_C"])
     wrap(_merge_kernel)[grid](
         x, sxb, sxh, sxt, sxc, sxg,
         order, starts,
@@ -116,9 +158,12 @@ def launch_merge(
         out, sob, soh, sot,
         new_size, den, new_source if has_source else new_size,
         *norm_args,
+        *residual_args,
         H, T, t_out, C, N,
         MODE=mode, HAS_SIZE=has_size, HAS_SOURCE=has_source,
         ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, GROUP_C=group, HAS_NORM=has_norm,
+        NORM_AT_TOKENS=has_norm and norm_at_tokens,
+        EVEN_C=has_norm and cfg["BLOCK_C"] * cfg.get("NCHUNK", 1) == C, **epi,
         **cfg,
     )
     return out, new_size, new_source, den
@@ -233,7 +278,7 @@ def _backward(ctx, grad_out, _g_size, _g_source, _g_den):
 merge_op = custom_op("merge", _merge_impl, _backward, _setup_context)
 
 
-def _merge_norm_impl(
+def _merge_fused_impl(
     x: torch.Tensor,
     dest: torch.Tensor,
     t_out: int,
@@ -243,24 +288,33 @@ def _merge_norm_impl(
     source: Optional[torch.Tensor],
     order: Optional[torch.Tensor],
     starts: Optional[torch.Tensor],
-    norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    residual_scale: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
     eps: float,
     norm_dtype: torch.dtype,
+    at_tokens: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     slots = None if order is None else (order, starts)
     B, T, C = x.shape
-    normed = torch.empty(B, t_out, C, device=x.device, dtype=norm_dtype)
+    norm = None
+    normed = x.new_empty(0)  # custom ops cannot return None
+    if norm_weight is not None:
+        normed = torch.empty(B, T if at_tokens else t_out, C, device=x.device, dtype=norm_dtype)
+        norm = (norm_weight, norm_bias, eps, normed)
     with device_guard(x):
-        out, new_size, new_source, _den = launch_merge(x, dest, t_out, size, attn_received, mode, source, slots=slots,
-                                                       norm=(norm_weight, norm_bias, eps, normed))
-    if new_source is None:  # custom ops cannot return None
+        out, new_size, new_source, _den = launch_merge(
+            x, dest, t_out, size, attn_received, mode, source, slots=slots, norm=norm, norm_at_tokens=at_tokens,
+            residual=None if residual is None else (residual, residual_scale))
+    if new_source is None:
         new_source = x.new_empty(0)
     return out, new_size, new_source, normed
 
 
-# No autograd: taken only when no gradient is needed (``merge`` checks), else merge + LayerNorm.
-merge_norm_op = custom_op("merge_norm", _merge_norm_impl)
+# No autograd: taken only when no gradient is needed (``merge`` checks), else the
+# differentiable merge followed by the epilogues as torch ops.
+merge_fused_op = custom_op("merge_fused", _merge_fused_impl)
 
 
 def merge(
@@ -274,10 +328,14 @@ def merge(
     source: Optional[torch.Tensor] = None,
     slots: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     norm: Optional[MergeNorm] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Triton ``merge``: (x' (B, T', C), size' (B, T') float32, source' (B, T', N) or None),
-    and with ``norm`` LayerNorm(x') in ``norm.dtype``: computed by the merge kernel itself
-    when no gradient is needed, otherwise by torch's layer_norm on x' (differentiable).
+    and with ``norm`` LayerNorm(x') in ``norm.dtype`` (per slot, or at the token positions
+    with ``norm.at_tokens``). With ``residual``, x' is ``residual + residual_scale * x'``
+    (the norm is of that). Without a gradient to compute, the merge kernel does all of it in
+    one launch; otherwise the epilogues are torch ops on the merge's output (differentiable).
 
     ``slots``: dest's slot index (order, starts) when already computed (``slot_index``)."""
     B, T, _ = x.shape
@@ -288,14 +346,22 @@ def merge(
             raise ValueError(f"source must have shape (B, T, N) with (B, T) = ({B}, {T}), got {tuple(source.shape)}")
         if source.device != x.device:
             raise ValueError(f"source is on {source.device} but the tokens are on {x.device}")
+    if residual is not None and mode == 2:
+        raise ValueError("residual= needs a weighted pooling mode (0, 1, 3); max pooling (mode 2) has no residual "
+                         "epilogue (it does not commute with the projection before it)")
     order, starts = (None, None) if slots is None else slots
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, None if norm is None else norm.weight,
-                                                     None if norm is None else norm.bias))
-    if norm is not None and not wants_grad:
-        out, new_size, new_source, normed = merge_norm_op(x, dest, t_out, size, attn_received, mode, source, order,
-                                                          starts, norm.weight, norm.bias, float(norm.eps), norm.dtype)
-        return out, new_size, (new_source if source is not None else None), normed
+    operands = (x, residual, residual_scale) + (() if norm is None else (norm.weight, norm.bias))
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
+    if (norm is not None or residual is not None) and not wants_grad:
+        has_norm = norm is not None
+        out, new_size, new_source, normed = merge_fused_op(
+            x, dest, t_out, size, attn_received, mode, source, order, starts, residual, residual_scale,
+            norm.weight if has_norm else None, norm.bias if has_norm else None, float(norm.eps) if has_norm else 0.0,
+            norm.dtype if has_norm else x.dtype, bool(has_norm and norm.at_tokens))
+        merged = (out, new_size, (new_source if source is not None else None))
+        return merged if norm is None else (*merged, normed)
     out, new_size, new_source, _den = merge_op(x, dest, t_out, size, attn_received, mode, source, order, starts)
+    if residual is not None:
+        out = merge_residual_reference(out, residual, residual_scale)
     merged = (out, new_size, (new_source if source is not None else None))
-    return merged if norm is None else (*merged, merge_norm_reference(out, norm))
+    return merged if norm is None else (*merged, merge_norm_reference(out, norm, dest))
