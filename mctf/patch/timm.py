@@ -20,6 +20,7 @@ try:  # timm is a model-layer dependency only
     from timm.layers.norm import LayerNorm as TimmLayerNorm
     from timm.models.vision_transformer import Attention as TimmAttention
     from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import LayerScale as TimmLayerScale
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 except ImportError as exc:  # pragma: no cover - timm is a hard dependency
     raise ImportError("mctf.patch.timm needs timm >= 1.0") from exc
@@ -135,6 +136,34 @@ def _attention(attn: TimmAttention, x: torch.Tensor, size: Optional[torch.Tensor
     return _output(attn, out)
 
 
+def mergeable_norm(norm: torch.nn.Module, x: torch.Tensor, at_tokens: bool = False) -> Optional[mk.MergeNorm]:
+    """``norm`` as a LayerNorm the merge applies in its own pass (inference only: the merge
+    kernel's LayerNorm output has no backward), in the dtype the next projection reads (under
+    autocast: the autocast dtype it would cast to). None: the norm must run as a module."""
+    # plain F.layer_norm only (timm's LayerNorm with fast_norm, or other subclasses, may differ)
+    if (torch.is_grad_enabled() or not isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "_fast_norm", False)
+            or type(norm).forward not in _PLAIN_LAYER_NORM_FORWARDS or norm.weight is None or norm.bias is None
+            or tuple(norm.normalized_shape) != (x.shape[-1],)):
+        return None
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    if x.dtype == torch.float64:  # autocast leaves float64 alone
+        dtype = x.dtype
+    return mk.MergeNorm(norm.weight, norm.bias, float(norm.eps), dtype, at_tokens)
+
+
+def _residual_scale(block: TimmBlock):
+    """(True, gamma or None) when ``x + drop_path1(ls1(y))`` is ``x + gamma * y`` (eval, or no
+    drop path; ls1 timm's LayerScale or identity), so the merge's epilogue can add it; else (False, None)."""
+    if block.training and not isinstance(block.drop_path1, torch.nn.Identity):
+        return False, None
+    if isinstance(block.ls1, torch.nn.Identity):
+        return True, None
+    if isinstance(block.ls1, TimmLayerScale):
+        return True, block.ls1.gamma
+    return False, None
+
+
 # ---------------------------------------------------------------------------
 # the patched block
 
@@ -146,20 +175,8 @@ class MCTFBlock(TimmBlock):
     _mctf_state: MCTFState
 
     def _fused_norm1(self, x: torch.Tensor) -> Optional[mk.MergeNorm]:
-        """norm1 as a LayerNorm the merge can apply in its own pass (inference only: the
-        merge kernel's LayerNorm output has no backward), in the dtype the value projection
-        reads (under autocast: the autocast dtype it would cast to). None: keep norm1."""
-        norm = self.norm1
-        # plain F.layer_norm only (timm's LayerNorm with fast_norm, or other subclasses, may differ)
-        if (torch.is_grad_enabled() or not isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "_fast_norm", False)
-                or type(norm).forward not in _PLAIN_LAYER_NORM_FORWARDS or norm.weight is None or norm.bias is None
-                or tuple(norm.normalized_shape) != (x.shape[-1],)):
-            return None
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        if x.dtype == torch.float64:  # autocast leaves float64 alone
-            dtype = x.dtype
-        return mk.MergeNorm(norm.weight, norm.bias, float(norm.eps), dtype)
+        """norm1 as a LayerNorm the merge can apply in its own pass (``mergeable_norm``). None: keep norm1."""
+        return mergeable_norm(self.norm1, x)
 
     def _fuse(self, x: torch.Tensor, attn_received: torch.Tensor, r: int, state: MCTFState,
               norm: Optional[mk.MergeNorm] = None):
@@ -201,24 +218,27 @@ class MCTFBlock(TimmBlock):
                 and not (self.training and (attn.attn_drop.p > 0 or attn.proj_drop.p > 0)))
 
     def _fused_attention_rows(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, size: Optional[torch.Tensor],
-                              r: int, state: MCTFState, norm1: mk.MergeNorm) -> torch.Tensor:
+                              r: int, state: MCTFState, norm1: mk.MergeNorm):
         """One-step-ahead inference, the rows flow: ``x' + ls1(rowmerge(proj(P @ V'[dest])))``,
         equal to ``x' + ls1(proj(P' @ V'))`` (docs/algorithm.md, "One-step-ahead attention").
-        The values are projected at the T token rows, torch's fused attention gives the rows
-        at T (the attention kernel already wrote its log-size mask), ``proj`` runs on those
-        rows, and the row merge comes last, where the merge can also add the residual."""
+        The merge of the tokens writes LN1(x') at the T token positions, so the value projection
+        gives V'[dest] directly; torch's fused attention gives the rows at T (the attention kernel
+        already wrote its log-size mask), ``proj`` runs on those rows, and the row merge comes
+        last, adding the residual (and layer scale) and applying norm2 in the same pass.
+        Returns (x, norm2(x) or None when norm2 must run as a module)."""
         cfg = state.config
         att = mk.fusion_attention(q, k, scale=self.attn.scale, size=size, mode=cfg.pooling)
-        x, dest, old_size, received, slots, normed = self._fuse(x, att.received, r, state, norm1)
-        B, T = dest.shape
-        # (merge feature 1) LN1(x') at the token positions from the merge replaces this gather
-        n1_tokens = normed.gather(1, dest[:, :, None].expand(B, T, normed.shape[-1]))
+        x1, dest, old_size, received, slots, n1_tokens = self._fuse(x, att.received, r, state, norm1)
         rows = mk.fusion_attention_rows(att, _values(self.attn, n1_tokens))
         y = _output(self.attn, rows)  # proj on the T rows
-        # (merge feature 2) the merge's residual + layer-scale + LayerNorm epilogue replaces this
-        # merge, the add and norm2
-        pooled = mk.merge(y, dest, x.shape[1], old_size, received, mode=cfg.pooling, slots=slots)[0]
-        return x + self.drop_path1(self.ls1(pooled))
+        fold, gamma = _residual_scale(self)
+        if not fold:
+            pooled = mk.merge(y, dest, x1.shape[1], old_size, received, mode=cfg.pooling, slots=slots)[0]
+            return x1 + self.drop_path1(self.ls1(pooled)), None
+        norm2 = mergeable_norm(self.norm2, x1)
+        merged = mk.merge(y, dest, x1.shape[1], old_size, received, mode=cfg.pooling, slots=slots,
+                          residual=x1, residual_scale=gamma, norm=norm2)
+        return merged[0], (merged[3] if norm2 is not None else None)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
         if attn_mask is not None or is_causal or kwargs:
@@ -227,6 +247,7 @@ class MCTFBlock(TimmBlock):
         cfg = state.config
         r = state.r_for_block(self._mctf_index, x.shape[1])
         size = state.size if cfg.prop_attn else None
+        normed2 = None  # norm2(x) when the rows flow's merge computed it
 
         if r > 0 and cfg.one_step_ahead == 1:
             # fuse with this layer's attention, then reuse it merged: P' @ V(LN1(x'))
@@ -241,7 +262,7 @@ class MCTFBlock(TimmBlock):
                 )
                 x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
             elif self._rows_flow(norm1, cfg.pooling):  # inference
-                x = self._fused_attention_rows(x, q, k, size, r, state, norm1)
+                x, normed2 = self._fused_attention_rows(x, q, k, size, r, state, norm1._replace(at_tokens=True))
             else:
                 att = mk.fusion_attention(q, k, scale=self.attn.scale, log_size=_log_size(size), mode=cfg.pooling)
                 # norm1 of the fused tokens comes from the merge's own pass when it can
@@ -265,7 +286,7 @@ class MCTFBlock(TimmBlock):
             x = x + self.drop_path1(self.ls1(_output(self.attn, heads)))
         else:
             x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x) if normed2 is None else normed2)))
         if r > 0 and cfg.one_step_ahead == 0:
             x, *_ = self._fuse(x, mk.attention_received(probs.detach()), r, state)
         state.tokens_per_block.append(x.shape[1])

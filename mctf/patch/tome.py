@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import mctf_kernels as mk
 from mctf.config import ToMeConfig
 from mctf.patch.timm import (
-    _PLAIN_LAYER_NORM_FORWARDS, PATCHED_BLOCKS, TimmBlock, _attention, _check_supported, _heads, _log_size_bias,
-    _output, _install,
+    PATCHED_BLOCKS, TimmBlock, _attention, _check_supported, _heads, _log_size_bias,
+    _output, _install, mergeable_norm,
 )
 from mctf.state import ToMeState
 
@@ -29,21 +29,6 @@ class ToMeBlock(TimmBlock):
 
     _mctf_index: int
     _mctf_state: ToMeState
-
-    def _fused_norm2(self, x: torch.Tensor):
-        """norm2 as a LayerNorm the merge applies in its own pass (inference only, plain
-        LayerNorm only), in the dtype fc1 reads (under autocast: the autocast dtype it would
-        cast to). None: keep norm2."""
-        norm = self.norm2
-        if (torch.is_grad_enabled() or not isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "_fast_norm", False)
-                or type(norm).forward not in _PLAIN_LAYER_NORM_FORWARDS or norm.weight is None or norm.bias is None
-                or tuple(norm.normalized_shape) != (x.shape[-1],)):
-            return None
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        if x.dtype == torch.float64:  # autocast leaves float64 alone
-            dtype = x.dtype
-        return mk.MergeNorm(norm.weight, norm.bias, float(norm.eps), dtype)
 
     def _merge(self, x: torch.Tensor, metric: torch.Tensor, r: int, state: ToMeState, norm=None):
         """Merge x; with ``norm`` also returns norm2 of the merged tokens from the merge's pass."""
@@ -79,7 +64,7 @@ class ToMeBlock(TimmBlock):
             )
             x = x + self.drop_path1(self.ls1(_output(attn, heads)))
             # norm2 of the merged tokens comes from the merge's own pass when it can
-            x, normed = self._merge(x, k.mean(dim=1), r, state, self._fused_norm2(x))
+            x, normed = self._merge(x, k.mean(dim=1), r, state, mergeable_norm(self.norm2, x))
         else:
             x = x + self.drop_path1(self.ls1(_attention(self.attn, self.norm1(x), size)))
             normed = None
