@@ -4,8 +4,10 @@ must equal is ``mctf_kernels.merge.merge_reference``.
 Layers: ``_merge_kernel`` (one program per block of slots, all channels) <- ``launch_merge``
 (slot index unless given, grid, strides; merges (B, T, C) tokens or (B, H, T, C) per-head
 rows) <- the ``mctf::merge`` op with its autograd (``_merge_backward_kernel``, launched by
-``launch_merge_backward``) <- ``merge`` (the launcher registered
-in ``LAUNCHERS``, the reference's arguments plus an optional precomputed ``slots``).
+``launch_merge_backward``), and the ``mctf::merge_fused`` op without autograd (the
+inference epilogues: LayerNorm per slot or at the tokens, residual + layer scale; docs/
+algorithm.md, "One-step-ahead attention") <- ``merge`` (the launcher registered in
+``LAUNCHERS``, the reference's arguments plus an optional precomputed ``slots``).
 """
 from __future__ import annotations
 
