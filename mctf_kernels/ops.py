@@ -111,6 +111,8 @@ def match(
     for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
         check_temperature(name, tau)
     check_score(score)
+    if not isinstance(return_slots, bool):
+        raise TypeError(f"return_slots must be a bool, got {return_slots!r}")
     if score == "cosine" and (attn_received is not None or size is not None):
         raise ValueError("score='cosine' uses neither attn_received nor size: pass None")
     if validation_requested(validate):
@@ -254,9 +256,10 @@ def _check_merge_residual(residual, residual_scale, x: torch.Tensor, t_out: int,
     if tuple(residual.shape) != (B, t_out, C) or residual.device != x.device:
         raise ValueError(f"residual must have shape (B, T', C) = ({B}, {t_out}, {C}) on {x.device}, "
                          f"got {tuple(residual.shape)} on {residual.device}")
-    if residual_scale is not None and (
-            not isinstance(residual_scale, torch.Tensor) or not residual_scale.is_floating_point()
-            or tuple(residual_scale.shape) != (C,) or residual_scale.device != x.device):
+    if residual_scale is not None and (not isinstance(residual_scale, torch.Tensor)
+                                       or not residual_scale.is_floating_point()):
+        raise TypeError(f"residual_scale must be a floating tensor or None, got {type(residual_scale).__name__}")
+    if residual_scale is not None and (tuple(residual_scale.shape) != (C,) or residual_scale.device != x.device):
         raise ValueError(f"residual_scale must be a floating ({C},) tensor on {x.device} or None")
 
 
@@ -389,10 +392,9 @@ def fusion_attention_rows(
     B, H, T = like.shape[:3]
     if tuple(v.shape[:3]) != (B, H, T):
         raise ValueError(f"v must have shape (B, H, T, D) = ({B}, {H}, {T}, D), got {tuple(v.shape)}")
-    if att.probs is None:  # torch's attention takes q, k, v of one dtype
-        check_same_device_dtype("v", v, "q", like)
-    elif v.device != like.device:  # P is cast to v's dtype, as in fused_attention_output
-        raise ValueError(f"v is on {v.device} but the attention is on {like.device}")
+    # torch's attention takes q, k, v of one dtype; the reference's P has q's dtype too, and
+    # both backends refuse the same inputs
+    check_same_device_dtype("v", v, "q", like)
     if validation_requested(validate):
         check_finite("v", v)
     if att.probs is not None or B == 0:

@@ -174,9 +174,9 @@ def test_argument_errors(backend):
             mk.fusion_attention_rows(att, v.long())
         with pytest.raises(ValueError, match="v is on meta"):
             mk.fusion_attention_rows(att, v.to("meta"))
-        if backend == "triton":  # torch's attention needs q, k, v of one dtype
-            with pytest.raises(TypeError, match="same dtype"):
-                mk.fusion_attention_rows(att, v.double())
+        # torch's attention needs q, k, v of one dtype: both backends refuse another
+        with pytest.raises(TypeError, match="same dtype"):
+            mk.fusion_attention_rows(att, v.double())
         v_nan = v.clone()
         v_nan[0, 0, 0, 0] = float("nan")
         with pytest.raises(ValueError, match="v has 1 non-finite"):

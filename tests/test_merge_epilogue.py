@@ -288,6 +288,8 @@ def test_epilogue_bad_args(device, triton_backend):
         mk.merge(y, dest, t_out, size, received, residual=x1, residual_scale=gamma[1:])
     with pytest.raises(TypeError, match="residual"):
         mk.merge(y, dest, t_out, size, received, residual=x1.long())
+    with pytest.raises(TypeError, match="residual_scale must be a floating tensor"):
+        mk.merge(y, dest, t_out, size, received, residual=x1, residual_scale=gamma.tolist())
     with pytest.raises(TypeError, match="at_tokens"):
         mk.merge(y, dest, t_out, size, received, norm=mk.MergeNorm(weight, bias, 1e-6, torch.float32, 1))
     with pytest.raises(ValueError, match="dest"):

@@ -115,6 +115,30 @@ def test_merge_gradcheck_fp64(device, triton_backend, mode, gpu):
 
 
 @pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
+def test_merge_backward_fp64_uses_the_forward_weight_sums(device, triton_backend, gpu):
+    """float64 x: the forward keeps its slot weight sums in float64 and the backward divides by
+    those, so gradients equal the reference's to float64 rounding (a float32 copy of the sums
+    was off by ~4e-8), and a slot whose weights sum to a float64 value that is 0 in float32
+    is still weighted, in both directions."""
+    B, T, C, t_out = 2, 37, 16, 20
+    gen = torch.Generator().manual_seed(0)
+    dest = torch.cat([torch.arange(t_out), torch.randint(0, t_out, (T - t_out,), generator=gen)]).expand(B, T)
+    dest = dest.contiguous().to(device)
+    x = torch.randn(B, T, C, dtype=torch.float64, generator=gen).to(device)
+    size = torch.randint(1, 5, (B, T), generator=gen).float().to(device)
+    attn = (torch.rand(B, T, generator=gen) * 1e-3 + 1 / 3).to(device)
+    attn[0, dest[0] == 3] = 1e-60  # weights below float32's range, but not 0 in float64
+    g = torch.randn(B, t_out, C, dtype=torch.float64, generator=gen).to(device)
+    grads = {}
+    for backend in ("triton", "reference"):
+        xx = x.clone().requires_grad_(True)
+        with mk.use_backend(backend), _configs(gpu):
+            (mk.merge(xx, dest, t_out, size, attn, mode=1)[0] * g).sum().backward()
+        grads[backend] = xx.grad
+    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("gpu", (False, True), ids=("interp-config", "gpu-config"))
 def test_merge_backward_zero_weight_slot(device, triton_backend, gpu):
     """A slot whose weights sum to exactly 0 is the unweighted mean of its members: each
     member gets 1/count of the slot's gradient (mode 1: members received no attention;

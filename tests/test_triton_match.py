@@ -629,6 +629,8 @@ def test_slot_index_edge_cases(device):
     with mctf_kernels.use_backend("reference"):
         dest, slots = mctf_kernels.match(x, 5, a, s, return_slots=True)
     assert slots is None and torch.equal(dest, match_reference(x, 5, a, s))
+    with pytest.raises(TypeError, match="return_slots must be a bool"):
+        mctf_kernels.match(x, 5, a, s, return_slots="no")
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="torch.compile of Triton kernels needs CUDA")

@@ -77,7 +77,7 @@ def _attention_bwd_dq_kernel(
     g_ptr, stride_gb, stride_gh, stride_gt, stride_gd,  # grad of the output (B, H, T', D)
     dest_ptr, stride_db, stride_dt,
     starts_ptr,  # (B, T'+1) contiguous: slot bounds (member counts)
-    den_ptr,  # (B, T') float32 contiguous: the forward's slot sums of the weights
+    den_ptr,  # (B, T') float32 (float64 for float64 values) contiguous: the forward's slot sums of the weights
     size_ptr, stride_sb, stride_st,
     attn_m_ptr, stride_mb, stride_mt,
     dq_ptr, stride_yb, stride_yh, stride_yt,  # (B, H, T, D_QK), channel stride 1

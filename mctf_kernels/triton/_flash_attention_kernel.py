@@ -18,9 +18,11 @@ libdevice); either may differ from ``torch.log`` in the last bit, so ``lse`` and
 the output attention's additive mask (``WRITE_MASK``): the per-key bias rounded to the
 mask's dtype, each image's row written by exactly one program.
 
-The helpers ``scaled_queries``, ``keys_t``, ``key_bias`` and ``logits_tile`` are shared
-with the backward of the output (``_attention_backward_kernel.py``), so both recompute
-the same logits with the same operand rounding.
+The helpers ``scaled_queries``, ``keys_t`` and ``logits_tile`` are shared with the
+backward of the output (``_attention_backward_kernel.py``), so both recompute the same
+logits with the same operand rounding; the backward's ``key_bias`` reads the float32
+log_size the forward's ``_fwd_key_bias`` computes from a given log_size (the training path
+passes log_size, not sizes).
 """
 import triton
 import triton.language as tl

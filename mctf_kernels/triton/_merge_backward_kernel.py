@@ -26,7 +26,7 @@ def _merge_backward_kernel(
     out_ptr, stride_ob, stride_oh, stride_ot, stride_oc,  # x': mode 2 only
     dest_ptr, stride_db, stride_dt,
     order_ptr, starts_ptr,  # slot index of dest: contiguous (B, T) and (B, T'+1)
-    den_ptr,  # (B, T') float32, contiguous: the forward's slot sums of the weights (modes 0, 1, 3)
+    den_ptr,  # (B, T') float32 (float64 for float64 x), contiguous: the forward's slot sums of the weights (modes 0, 1, 3)
     size_ptr, stride_sb, stride_st,
     attn_ptr, stride_ab, stride_at,
     gx_ptr, stride_yb, stride_yh, stride_yt,  # grad of x (B, [H,] T, C); channel stride 1

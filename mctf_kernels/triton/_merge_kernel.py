@@ -298,7 +298,7 @@ def _merge_kernel(
     if (h == 0) & (split == 0):
         tl.store(new_size_ptr + b * T_out + offs_s, s_sum, mask=mask_s)
         if MODE != 2:
-            tl.store(den_ptr + b * T_out + offs_s, w_sum.to(tl.float32), mask=mask_s)
+            tl.store(den_ptr + b * T_out + offs_s, w_sum.to(den_ptr.dtype.element_ty), mask=mask_s)
         if HAS_SOURCE:
             src_row = src_ptr + b * stride_nb
             dst_row = new_src_ptr + (b * T_out + offs_s[:, None]) * N

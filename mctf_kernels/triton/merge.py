@@ -111,7 +111,8 @@ def launch_merge(
         raise ValueError(f"out must have shape {(*lead, t_out, C)} and a unit last stride")
     sob, soh, sot = (out.stride(0), 0, out.stride(1)) if out.dim() == 3 else out.stride()[:3]
     new_size = torch.empty(B, t_out, device=device, dtype=torch.float32)
-    den = torch.empty(B, t_out, device=device, dtype=torch.float32)
+    # float64 x: the weight sums stay float64, so the backward divides by the forward's own sums
+    den = torch.empty(B, t_out, device=device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     has_size = size is not None
     size_arg, ss = (size, size.stride()) if has_size else (new_size, (0, 0))  # placeholder, never read
