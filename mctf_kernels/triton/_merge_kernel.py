@@ -33,6 +33,14 @@ def _row_size_max(size_row, stride_st, T, MODE: tl.constexpr, HAS_SIZE: tl.const
 
 
 @triton.jit
+def _member(members, k, count, T):
+    """The k-th member token of each slot (``valid``: the slot has one), clamped to [0, T):
+    a caller's unchecked slot index gives wrong numbers, never a read outside the tensors."""
+    valid = k < count
+    return valid, tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+
+
+@triton.jit
 def _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax,
                      MODE: tl.constexpr, HAS_SIZE: tl.constexpr):
     """Size s and pooling weight w of tokens t (0 where not valid), as pooling_weights."""
@@ -166,8 +174,7 @@ def _merge_kernel(
     s_sum = tl.zeros([BLOCK_S], tl.float32)
     w_sum = tl.zeros([BLOCK_S], ACC_DTYPE)  # float64 for float64 x, as the reference's sum
     for k in range(0, steps):
-        valid = k < count
-        t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+        valid, t = _member(members, k, count, T)
         s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
         s_sum += s
         w_sum += w
@@ -193,8 +200,7 @@ def _merge_kernel(
             else:
                 accs = accs + (tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE),)
         for k in range(0, steps):
-            valid = k < count
-            t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+            valid, t = _member(members, k, count, T)
             if MODE != 2:
                 _s, w = _size_and_weight(size_row, stride_st, attn_row, stride_at, t, valid, smax, MODE, HAS_SIZE)
                 w = w * keep + unw
@@ -253,8 +259,7 @@ def _merge_kernel(
             # Every member token gets its slot's row: slots own disjoint members, so each
             # position is written once, by the program that walked it above.
             for k in range(0, steps):
-                valid = k < count
-                t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+                valid, t = _member(members, k, count, T)
                 for j in tl.static_range(NCHUNK):
                     offs_c = j * BLOCK_C + tl.arange(0, BLOCK_C)
                     tl.store(normed_row + t[:, None] * stride_yt + offs_c[None, :], normed[j],
@@ -277,8 +282,7 @@ def _merge_kernel(
             else:
                 acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
             for k in range(0, steps):
-                valid = k < count
-                t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+                valid, t = _member(members, k, count, T)
                 xv = tl.load(x_row + t[:, None] * stride_xt + x_c[None, :],
                              mask=valid[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
                 if MODE == 2:
@@ -307,8 +311,7 @@ def _merge_kernel(
                 mask_n = offs_n < N
                 src = tl.full([BLOCK_S, BLOCK_N], float("-inf"), tl.float32)
                 for k in range(0, steps):
-                    valid = k < count
-                    t = tl.minimum(tl.maximum(tl.load(members + k, mask=valid, other=0), 0), T - 1)
+                    valid, t = _member(members, k, count, T)
                     sv = tl.load(src_row + t[:, None] * stride_nt + offs_n[None, :] * stride_nn,
                                  mask=valid[:, None] & mask_n[None, :], other=float("-inf")).to(tl.float32)
                     src = tl.where(valid[:, None], tl.maximum(src, sv, propagate_nan=tl.PropagateNan.ALL), src)
